@@ -1,0 +1,257 @@
+"""Frames of CrystalFramer (SPEC.md 3): per target atom i and head h, three axes e1, e2, e3.
+
+Every function returns a tensor ``[N, H, 3, 3]`` whose rows ``F[i, h, k]`` are the axes e_k, and
+is evaluated without gradient (frames select a coordinate system; gradients still reach sigma
+and the projections through the basis values).  Inputs are per-edge tensors of the periodic
+multigraph (edge j -> i for every image): ``logits`` / ``weights`` ``[E, H]``, ``rvec`` ``[E, 3]``.
+
+Frame types:
+
+* ``max`` (CrystalFramer): e1 = direction of the candidate with the largest attention logit;
+  e2 = candidate maximising ``logit + log(max(1 - |cos(r, e1)|, 1e-5))`` among those not
+  collinear with e1, Gram-Schmidt against e1; e3 = e1 x e2.
+* ``static_local``: ``max`` with the q.k term removed, i.e. driven by ``-|r|^2 / (2 sigma^2)``
+  alone: nearest image for e1, nearest non-collinear image (weighted by 1 - |cos|) for e2.
+* ``weighted_pca``: eigenvectors of ``sum_e w_e rhat rhat^T`` (largest eigenvalue first), each
+  oriented towards the weighted mean direction (third moment when that vanishes), right-handed.
+  Near-degenerate spectra (relative eigen-gap < ``eig_tol``) fall back to the ``max`` frame,
+  which is rotation-covariant, for that atom and head.
+* ``pca``: one frame per structure from the covariance of the unit-cell positions.  NOT
+  invariant to the choice of cell (a supercell or other cell gives other positions); it is the
+  paper's static baseline and is kept as such.
+* ``lattice``: unit lattice vectors of the primitive lattice (``ndata["prim_lattice"]`` when
+  present, else ``ndata["lattice"]``): e1 the shortest non-zero lattice vector, e2 the shortest
+  one not parallel to e1 with e1.e2 >= 0, e3 the shortest non-coplanar one with e1.e3 >= 0; all
+  flipped when left-handed.  Not orthogonalised.
+* ``none``: no frame (plain Crystalformer); ``compute_frames`` returns None.
+
+Candidates are all incoming edges except the self image (|r|^2 > 1e-5).  Ties (symmetric
+crystals) are broken deterministically: among candidates within ``tie_tol`` of the best score,
+the edge with the lowest index wins.  Edge order comes from integer image offsets, so the choice
+does not change under rotation; tied candidates of a symmetric crystal are symmetry-related.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._dgl import dgl, dglops
+
+FRAME_TYPES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
+CANDIDATE_MIN_D2 = 1e-5  # |r|^2 below this is the self image
+COLLINEAR_COS = 0.9999
+TIE_TOL = 1e-4
+
+
+def check_frame_type(kind: str) -> str:
+    if kind not in FRAME_TYPES:
+        raise ValueError(f"unknown frame type {kind!r}; choose one of {', '.join(FRAME_TYPES)}")
+    return kind
+
+
+def edge_to_node_block(dst: torch.Tensor, num_nodes: int):
+    """Bipartite graph 'edge e -> its destination atom', so that a fused SpMM sums per-edge
+    features into atoms: ``gspmm(block, "mul", "sum", edge_feat [E, ...], weight [E, ...])``."""
+    src = torch.arange(dst.shape[0], device=dst.device, dtype=dst.dtype)
+    return dgl.create_block((src, dst), num_src_nodes=dst.shape[0], num_dst_nodes=num_nodes, device=dst.device)
+
+
+def weighted_edge_sum(block, edge_feat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[i] = sum_{e -> i} weight[e] * edge_feat[e], broadcasting (e.g. [E,1,K] x [E,H,1] -> [N,H,K])
+    in DGL's fused kernel, without materialising the broadcast product."""
+    return dglops.gspmm(block, "mul", "sum", edge_feat, weight)
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
+    """A deterministic unit vector perpendicular to each e1 (used only when every candidate is
+    collinear with e1, where the e2/e3 cosines of all candidates vanish whatever e2 is)."""
+    axis = torch.zeros_like(e1)
+    axis.scatter_(-1, e1.abs().argmin(dim=-1, keepdim=True), 1.0)
+    return _unit(torch.cross(e1, axis, dim=-1))
+
+
+def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, tie_tol: float = TIE_TOL):
+    """For each destination node and head, the index of the incoming edge with the largest score.
+
+    score, valid: [E, H].  Returns (index [N, H] long, found [N, H] bool).  Among edges within
+    ``tie_tol`` of the maximum the lowest edge index wins.
+    """
+    E = score.shape[0]
+    neg = torch.finfo(score.dtype).min
+    s = torch.where(valid, score, torch.full_like(score, neg))
+    best = dglops.copy_e_max(graph, s)  # [N, H]
+    dst = graph.edges()[1]
+    near = valid & (s >= best[dst] - tie_tol * (1.0 + best[dst].abs()))
+    # lowest edge index among the near-best: maximise (E - index); float64 keeps indices exact
+    rank = (E - torch.arange(E, device=score.device, dtype=torch.float64)).unsqueeze(-1).expand_as(s)
+    rank = torch.where(near, rank, torch.zeros_like(rank))
+    top = dglops.copy_e_max(graph, rank)  # [N, H], 0 where no valid candidate
+    found = top > 0
+    index = (E - top).long().clamp(0, max(E - 1, 0))
+    return index, found
+
+
+def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Shared by ``max`` and ``static_local``: pick e1, then e2 by score + log(1 - |cos|)."""
+    H = score.shape[1]
+    dst = graph.edges()[1]
+    valid = candidate.unsqueeze(-1).expand(-1, H)
+    i1, found1 = _segment_argmax(graph, score, valid)
+    e1 = rhat[i1]  # [N, H, 3]
+    # no candidate at all (isolated atom): there is no angular term to orient, any axis will do
+    e1 = torch.where(found1.unsqueeze(-1), e1, e1.new_tensor([1.0, 0.0, 0.0]).expand_as(e1))
+
+    cos1 = (rhat.unsqueeze(1) * e1[dst]).sum(-1)  # [E, H]
+    valid2 = valid & (cos1.abs() < COLLINEAR_COS)
+    score2 = score + torch.log((1.0 - cos1.abs()).clamp_min(1e-5))
+    i2, found2 = _segment_argmax(graph, score2, valid2)
+    r2 = rhat[i2]
+    e2 = _unit(r2 - (r2 * e1).sum(-1, keepdim=True) * e1)
+    e2 = torch.where(found2.unsqueeze(-1), e2, _perpendicular(e1))
+    e3 = torch.cross(e1, e2, dim=-1)
+    return torch.stack([e1, e2, e3], dim=2)
+
+
+def max_frames(graph, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """``max`` frame from this layer's attention logits [E, H]."""
+    return _max_style_frames(graph, logits, rhat, candidate)
+
+
+def static_local_frames(graph, dist_logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """``static_local`` frame: the ``max`` rule on the distance term -|r|^2/(2 sigma^2) alone."""
+    return _max_style_frames(graph, dist_logits, rhat, candidate)
+
+
+def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
+    """Flip each axis so that its first moment (or, when that vanishes, third moment) is positive."""
+    sign = torch.where(first.abs() > tol, first.sign(), third.sign())
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return axes * sign.unsqueeze(-1)
+
+
+def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
+                        logits: torch.Tensor, eig_tol: float = 1e-3) -> torch.Tensor:
+    """``weighted_pca`` frame from the attention weights [E, H] of this layer."""
+    N, dst = graph.num_nodes(), graph.edges()[1]
+    E, H = weights.shape
+    block = edge_to_node_block(dst, N)
+    w = (weights * candidate.unsqueeze(-1)).unsqueeze(-1)  # [E, H, 1], self image excluded
+    outer = (rhat.unsqueeze(-1) * rhat.unsqueeze(-2)).reshape(E, 1, 9)
+    cov = weighted_edge_sum(block, outer, w).reshape(N, H, 3, 3).double()
+    evals, evecs = torch.linalg.eigh(cov)  # ascending; eigenvectors are the COLUMNS
+    axes = evecs.flip(-1).transpose(-1, -2).to(weights.dtype)  # rows, largest eigenvalue first
+    evals = evals.flip(-1)
+
+    # orientation: towards the weighted mean direction, else by the weighted third moment
+    mean_dir = weighted_edge_sum(block, rhat.unsqueeze(1), w)  # [N, H, 3]
+    first = (axes * mean_dir.unsqueeze(2)).sum(-1)  # [N, H, 3]
+    proj = (axes[dst] * rhat[:, None, None, :]).sum(-1)  # [E, H, 3]
+    third = weighted_edge_sum(block, proj.pow(3), w)
+    axes = _orient(axes, first, third)
+    e1, e2 = axes[:, :, 0], axes[:, :, 1]
+    frames = torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=2)
+
+    # eigenvectors of (near-)equal eigenvalues are arbitrary: use the max frame there
+    scale = evals[..., 0].clamp_min(1e-12)
+    gaps = torch.stack([evals[..., 0] - evals[..., 1], evals[..., 1] - evals[..., 2]], -1) / scale.unsqueeze(-1)
+    degenerate = (gaps < eig_tol).any(-1) | (evals[..., 0] < 1e-8)
+    if degenerate.any():
+        fallback = max_frames(graph, logits, rhat, candidate)
+        frames = torch.where(degenerate[..., None, None], fallback, frames)
+    return frames
+
+
+def pca_frames(graph, num_heads: int, pos_key: str = "pos") -> torch.Tensor:
+    """``pca`` frame: principal axes of the unit-cell positions of each structure (not cell-choice
+    invariant, by construction).  Oriented by the third moment; identity for degenerate spreads."""
+    if pos_key not in graph.ndata:
+        raise KeyError(f"the 'pca' frame needs Cartesian positions in graph.ndata[{pos_key!r}]")
+    pos = graph.ndata[pos_key].double()
+    counts = graph.batch_num_nodes()
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=pos.device), counts)
+    B = len(counts)
+    centre = torch.zeros(B, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, pos) / counts.unsqueeze(-1)
+    x = pos - centre[seg]
+    cov = torch.zeros(B, 3, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, x.unsqueeze(-1) * x.unsqueeze(-2))
+    evals, evecs = torch.linalg.eigh(cov)
+    axes = evecs.flip(-1).transpose(-1, -2)  # rows, largest first
+    proj = (axes[seg] * x.unsqueeze(1)).sum(-1)  # [N, 3]
+    third = torch.zeros(B, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, proj.pow(3))
+    axes = _orient(axes, torch.zeros_like(third), third, tol=0.0)
+    e1, e2 = axes[:, 0], axes[:, 1]
+    frames = torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=1)
+    flat = evals[:, -1] < 1e-8  # one atom (or all on one point): no spread to take axes from
+    eye = torch.eye(3, dtype=pos.dtype, device=pos.device).expand(B, 3, 3)
+    frames = torch.where(flat[:, None, None], eye, frames).to(graph.ndata[pos_key].dtype)
+    return frames[seg].unsqueeze(1).expand(-1, num_heads, -1, -1)
+
+
+_OFFSETS = torch.stack(torch.meshgrid(*[torch.arange(-3, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
+_OFFSETS = _OFFSETS[_OFFSETS.abs().sum(-1) > 0]
+# enumerate short vectors first, so that a tie (same length) is resolved the same way in every cell
+_OFFSETS = _OFFSETS[torch.argsort(_OFFSETS.abs().sum(-1) * 1000 + _OFFSETS.abs().amax(-1), stable=True)]
+
+
+def _first_within(length: torch.Tensor, valid: torch.Tensor, tol: float = TIE_TOL) -> torch.Tensor:
+    """Index of the shortest valid vector per row, ties (within tol relative) to the lowest index."""
+    inf = torch.full_like(length, float("inf"))
+    lv = torch.where(valid, length, inf)
+    best = lv.min(-1, keepdim=True).values
+    near = valid & (lv <= best * (1 + tol))
+    idx = torch.arange(length.shape[-1], device=length.device).expand_as(length)
+    return torch.where(near, idx, torch.full_like(idx, length.shape[-1])).min(-1).values
+
+
+def lattice_frames(graph, num_heads: int) -> torch.Tensor:
+    """``lattice`` frame: unit vectors of short primitive lattice vectors (not orthogonalised)."""
+    key = "prim_lattice" if "prim_lattice" in graph.ndata else "lattice"
+    if key not in graph.ndata:
+        raise KeyError("the 'lattice' frame needs graph.ndata['lattice'] (rows = lattice vectors)")
+    counts = graph.batch_num_nodes()
+    first_node = torch.cumsum(counts, 0) - counts
+    lat = graph.ndata[key][first_node].double()  # [B, 3, 3]
+    vecs = torch.einsum("mk,bkc->bmc", _OFFSETS.to(lat.device, lat.dtype), lat)  # [B, M, 3]
+    length = vecs.norm(dim=-1)
+    unit = vecs / length.unsqueeze(-1)
+    rows = torch.arange(lat.shape[0], device=lat.device)
+    eps = 1e-6
+
+    e1 = unit[rows, _first_within(length, torch.ones_like(length, dtype=torch.bool))]
+    c1 = (unit * e1.unsqueeze(1)).sum(-1)
+    e2 = unit[rows, _first_within(length, (c1.abs() < 1 - eps) & (c1 >= -eps))]
+    normal = _unit(torch.cross(e1, e2, dim=-1))
+    coplanar = (unit * normal.unsqueeze(1)).sum(-1).abs() < eps
+    e3 = unit[rows, _first_within(length, ~coplanar & (c1 >= -eps))]
+    frames = torch.stack([e1, e2, e3], dim=1)
+    left = torch.linalg.det(frames) < 0
+    frames = torch.where(left[:, None, None], -frames, frames).to(graph.ndata[key].dtype)
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=lat.device), counts)
+    return frames[seg].unsqueeze(1).expand(-1, num_heads, -1, -1)
+
+
+@torch.no_grad()
+def compute_frames(kind: str, graph, rhat: torch.Tensor, candidate: torch.Tensor, logits: torch.Tensor,
+                   weights: torch.Tensor, dist_logits: torch.Tensor):
+    """Dispatch on the frame type.  Returns [N, H, 3, 3] (rows = axes), or None for ``none``.
+
+    rhat: [E, 3] unit displacement (0 for the self image); candidate: [E] bool (not the self image);
+    logits, weights, dist_logits: [E, H] attention logits, softmax weights, and the distance-only
+    part of the logits.
+    """
+    H = logits.shape[1]
+    if kind == "none":
+        return None
+    if kind == "max":
+        return max_frames(graph, logits, rhat, candidate)
+    if kind == "static_local":
+        return static_local_frames(graph, dist_logits, rhat, candidate)
+    if kind == "weighted_pca":
+        return weighted_pca_frames(graph, weights, rhat, candidate, logits)
+    if kind == "pca":
+        return pca_frames(graph, H)
+    if kind == "lattice":
+        return lattice_frames(graph, H)
+    check_frame_type(kind)

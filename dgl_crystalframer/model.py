@@ -1,0 +1,124 @@
+"""The CrystalFramer model (SPEC.md 4): embedding, post-residual blocks without LayerNorm
+(T-Fixup initialisation), mean readout over unit-cell atoms, MLP head."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import basis as B
+from ._dgl import dgl
+from .nn import CrystalFramerConv, edge_geometry
+
+NUM_SPECIES = 98
+
+PRESETS = {
+    # plain Crystalformer (ICLR 2024): 853K parameters
+    "crystalformer": dict(frame="none"),
+    # CrystalFramer with max frames, D = 64: 952K parameters
+    "default": dict(frame="max", num_angle_basis=64, angle_basis_width=4.0),
+    # lightweight CrystalFramer, D = 16: 878K parameters
+    "lightweight": dict(frame="max", num_angle_basis=16, angle_basis_width=1.0, c_angl=6.0, c_dist=1.5),
+}
+
+
+class CrystalFramerBlock(nn.Module):
+    """x = x + MHA(x);  x = x + W2 ReLU(W1 x + b1) + b2   (post-residual, no LayerNorm)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0, **conv_kwargs):
+        super().__init__()
+        self.attn = CrystalFramerConv(dim, num_heads, **conv_kwargs)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, graph, x, geometry):
+        x = x + self.dropout(self.attn(graph, x, geometry=geometry))
+        return x + self.dropout(self.ffn(x))
+
+
+class CrystalFramer(nn.Module):
+    """CrystalFramer / Crystalformer regressor: ``model(batched_graph) -> [B]`` (one value per crystal).
+
+    The graph is what :func:`dgl_crystalframer.build_graph` returns (or a ``dgl.batch`` of them):
+    ``ndata[species_key]`` [N, 98] occupancy-weighted one-hots, ``edata[rvec_key]`` [E, 3].
+    ``model.config`` rebuilds the same architecture: ``CrystalFramer(**model.config)``.
+    """
+
+    def __init__(self, frame: str = "max", num_layers: int = 4, dim: int = 128, num_heads: int = 8,
+                 ffn_dim: int = 512, num_angle_basis: int = B.ANGLE_BASIS_SIZE,
+                 angle_basis_width: float = B.ANGLE_BASIS_WIDTH, c_dist: float = 1.0, c_angl: float = 1.0,
+                 num_dist_basis: int = B.DIST_BASIS_SIZE, dist_basis_rmax: float = B.DIST_BASIS_RMAX,
+                 dropout: float = 0.0, rvec_key: str = "rvec", species_key: str = "species"):
+        super().__init__()
+        self.config = dict(frame=frame, num_layers=num_layers, dim=dim, num_heads=num_heads, ffn_dim=ffn_dim,
+                           num_angle_basis=num_angle_basis, angle_basis_width=angle_basis_width, c_dist=c_dist,
+                           c_angl=c_angl, num_dist_basis=num_dist_basis, dist_basis_rmax=dist_basis_rmax,
+                           dropout=dropout, rvec_key=rvec_key, species_key=species_key)
+        self.frame, self.num_layers, self.rvec_key, self.species_key = frame, num_layers, rvec_key, species_key
+        self.num_dist_basis, self.dist_basis_rmax = num_dist_basis, dist_basis_rmax
+        self.embedding = nn.Linear(NUM_SPECIES, dim, bias=False)
+        self.blocks = nn.ModuleList(
+            CrystalFramerBlock(dim, num_heads, ffn_dim, dropout, frame=frame, num_dist_basis=num_dist_basis,
+                               dist_basis_rmax=dist_basis_rmax, num_angle_basis=num_angle_basis,
+                               angle_basis_width=angle_basis_width, c_dist=c_dist, c_angl=c_angl, rvec_key=rvec_key)
+            for _ in range(num_layers))
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+        self.reset_parameters()
+
+    @classmethod
+    def from_preset(cls, name: str = "default", **overrides) -> "CrystalFramer":
+        """``crystalformer`` (no frames), ``default`` (max frames, D=64) or ``lightweight`` (D=16)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def reset_parameters(self):
+        """T-Fixup: xavier-uniform W1, W2, Wq, Wk, Wv, Wout with zero biases, then W1, W2, Wout, Wv
+        scaled by 0.67 L^-1/4; embedding ~ N(0, (d^-1/2 (9L)^-1/4)^2)."""
+        L, d = self.num_layers, self.embedding.out_features
+        scale = 0.67 * L ** -0.25
+        for block in self.blocks:
+            block.attn.reset_parameters()
+            for lin in (block.ffn[0], block.ffn[2]):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            with torch.no_grad():
+                for lin in (block.ffn[0], block.ffn[2], block.attn.fc_out, block.attn.fc_v):
+                    lin.weight.mul_(scale)
+        nn.init.normal_(self.embedding.weight, std=d ** -0.5 * (9 * L) ** -0.25)
+        for lin in (self.head[0], self.head[2]):
+            lin.reset_parameters()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def node_features(self, graph) -> torch.Tensor:
+        """Per-atom features after the last block, [N, d]."""
+        if self.species_key not in graph.ndata:
+            raise KeyError(f"graph.ndata has no {self.species_key!r} (occupancy-weighted one-hots [N, 98]); "
+                           "build graphs with dgl_crystalframer.build_graph")
+        x = self.embedding(graph.ndata[self.species_key].to(self.embedding.weight.dtype))
+        rvec = graph.edata[self.rvec_key].to(x.dtype)
+        geometry = edge_geometry(rvec, self.num_dist_basis, self.dist_basis_rmax)  # shared by all layers
+        for block in self.blocks:
+            x = block(graph, x, geometry)
+        return x
+
+    def forward(self, graph) -> torch.Tensor:
+        x = self.node_features(graph)
+        with graph.local_scope():
+            graph.ndata["_h"] = x
+            pooled = dgl.mean_nodes(graph, "_h")  # mean over unit-cell atoms: [B, d]
+        return self.head(pooled).squeeze(-1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(config: Optional[dict] = None, preset: Optional[str] = None) -> CrystalFramer:
+    """Model from a preset name and/or a config dict (config wins)."""
+    if preset:
+        return CrystalFramer.from_preset(preset, **(config or {}))
+    return CrystalFramer(**(config or {}))
