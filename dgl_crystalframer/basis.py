@@ -42,8 +42,10 @@ def gaussian_distance_basis(dist: torch.Tensor, size: int = DIST_BASIS_SIZE, r_m
 def gaussian_angle_basis(cos: torch.Tensor, size: int = ANGLE_BASIS_SIZE, width: float = ANGLE_BASIS_WIDTH) -> torch.Tensor:
     """b_angl(cos): ``size`` Gaussians on [-1, 1], centres -1 + 2m/(size-1), width ``width`` * 2/(size-1).
 
-    cos: [...] -> [..., size].
+    cos: [...] -> [..., size].  This is the hot loop of frame models ([E, H, 3, D] values per
+    layer), so it is written as one allocation and in-place passes: exp(-((c - mu) * a)^2) with
+    a = 1 / (sqrt(2) * width * spacing).
     """
-    spacing = 2.0 / (size - 1)
-    centres = torch.linspace(-1.0, 1.0, size, device=cos.device, dtype=cos.dtype)
-    return torch.exp(-0.5 * ((cos.unsqueeze(-1) - centres) / (width * spacing)) ** 2)
+    a = 1.0 / (math.sqrt(2.0) * width * 2.0 / (size - 1))
+    centres = torch.linspace(-a, a, size, device=cos.device, dtype=cos.dtype)
+    return torch.sub((cos * a).unsqueeze(-1), centres).square_().neg_().exp_()

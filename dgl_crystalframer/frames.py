@@ -11,14 +11,15 @@ Frame types:
   e2 = candidate maximising ``logit + log(max(1 - |cos(r, e1)|, 1e-5))`` among those not
   collinear with e1, Gram-Schmidt against e1; e3 = e1 x e2.
 * ``static_local``: ``max`` with the q.k term removed, i.e. driven by ``-|r|^2 / (2 sigma^2)``
-  alone: nearest image for e1, nearest non-collinear image (weighted by 1 - |cos|) for e2.
+  alone: nearest image for e1, nearest non-collinear image (weighted by 1 - |cos|) for e2
+  (distance ties broken by the full logit, see ``static_local_frames``).
 * ``weighted_pca``: eigenvectors of ``sum_e w_e rhat rhat^T`` (largest eigenvalue first), each
   oriented towards the weighted mean direction (third moment when that vanishes), right-handed.
   Near-degenerate spectra (relative eigen-gap < ``eig_tol``) fall back to the ``max`` frame,
   which is rotation-covariant, for that atom and head.
 * ``pca``: one frame per structure from the covariance of the unit-cell positions.  NOT
   invariant to the choice of cell (a supercell or other cell gives other positions); it is the
-  paper's static baseline and is kept as such.
+  paper's static baseline and is kept as such.  Degenerate spreads fall back to ``lattice``.
 * ``lattice``: unit lattice vectors of the primitive lattice (``ndata["prim_lattice"]`` when
   present, else ``ndata["lattice"]``): e1 the shortest non-zero lattice vector, e2 the shortest
   one not parallel to e1 with e1.e2 >= 0, e3 the shortest non-coplanar one with e1.e3 >= 0; all
@@ -28,7 +29,12 @@ Frame types:
 Candidates are all incoming edges except the self image (|r|^2 > 1e-5).  Ties (symmetric
 crystals) are broken deterministically: among candidates within ``tie_tol`` of the best score,
 the edge with the lowest index wins.  Edge order comes from integer image offsets, so the choice
-does not change under rotation; tied candidates of a symmetric crystal are symmetry-related.
+does not change under rotation, but it does under a change of atom order or cell.  Tied
+candidates of a symmetric crystal are related by a site symmetry g.  If g is a rotation, both
+choices give identical features.  If g is improper (a mirror, or a rotoinversion, of a site
+without inversion), the two frames are (e1, e2, e3) and (g e1, g e2, -g e3): the e1 and e2
+features agree and the e3 cosines change sign.  So the layer symmetrises the e3 angular features
+over c -> -c wherever ``tied`` is set, and every tie-break then gives the same result.
 """
 from __future__ import annotations
 
@@ -73,11 +79,12 @@ def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
     return _unit(torch.cross(e1, axis, dim=-1))
 
 
-def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, tie_tol: float = TIE_TOL):
+def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, secondary=None, tie_tol: float = TIE_TOL):
     """For each destination node and head, the index of the incoming edge with the largest score.
 
-    score, valid: [E, H].  Returns (index [N, H] long, found [N, H] bool).  Among edges within
-    ``tie_tol`` of the maximum the lowest edge index wins.
+    score, valid: [E, H].  Returns (index [N, H] long, found [N, H] bool, tied [N, H] bool).
+    Among edges within ``tie_tol`` of the maximum the lowest edge index wins; ``tied`` says that
+    there was more than one.
     """
     E = score.shape[0]
     neg = torch.finfo(score.dtype).min
@@ -85,44 +92,55 @@ def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, tie_tol: fl
     best = dglops.copy_e_max(graph, s)  # [N, H]
     dst = graph.edges()[1]
     near = valid & (s >= best[dst] - tie_tol * (1.0 + best[dst].abs()))
+    if secondary is not None:
+        s2 = torch.where(near, secondary, torch.full_like(secondary, neg))
+        best2 = dglops.copy_e_max(graph, s2)
+        near = near & (s2 >= best2[dst] - tie_tol * (1.0 + best2[dst].abs()))
     # lowest edge index among the near-best: maximise (E - index); float64 keeps indices exact
     rank = (E - torch.arange(E, device=score.device, dtype=torch.float64)).unsqueeze(-1).expand_as(s)
     rank = torch.where(near, rank, torch.zeros_like(rank))
     top = dglops.copy_e_max(graph, rank)  # [N, H], 0 where no valid candidate
     found = top > 0
     index = (E - top).long().clamp(0, max(E - 1, 0))
-    return index, found
+    tied = dglops.copy_e_sum(graph, near.to(score.dtype)) > 1.5
+    return index, found, tied
 
 
-def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Shared by ``max`` and ``static_local``: pick e1, then e2 by score + log(1 - |cos|)."""
+def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, secondary=None):
+    """Shared by ``max`` and ``static_local``: pick e1, then e2 by score + log(1 - |cos|); ties
+    in ``score`` are broken by ``secondary`` (same shape) when given.
+    Returns (frames [N, H, 3, 3], tied [N, H])."""
     H = score.shape[1]
     dst = graph.edges()[1]
     valid = candidate.unsqueeze(-1).expand(-1, H)
-    i1, found1 = _segment_argmax(graph, score, valid)
+    i1, found1, tied1 = _segment_argmax(graph, score, valid, secondary)
     e1 = rhat[i1]  # [N, H, 3]
     # no candidate at all (isolated atom): there is no angular term to orient, any axis will do
     e1 = torch.where(found1.unsqueeze(-1), e1, e1.new_tensor([1.0, 0.0, 0.0]).expand_as(e1))
 
     cos1 = (rhat.unsqueeze(1) * e1[dst]).sum(-1)  # [E, H]
     valid2 = valid & (cos1.abs() < COLLINEAR_COS)
-    score2 = score + torch.log((1.0 - cos1.abs()).clamp_min(1e-5))
-    i2, found2 = _segment_argmax(graph, score2, valid2)
+    penalty = torch.log((1.0 - cos1.abs()).clamp_min(1e-5))
+    i2, found2, tied2 = _segment_argmax(graph, score + penalty, valid2, None if secondary is None else secondary + penalty)
     r2 = rhat[i2]
     e2 = _unit(r2 - (r2 * e1).sum(-1, keepdim=True) * e1)
     e2 = torch.where(found2.unsqueeze(-1), e2, _perpendicular(e1))
     e3 = torch.cross(e1, e2, dim=-1)
-    return torch.stack([e1, e2, e3], dim=2)
+    return torch.stack([e1, e2, e3], dim=2), tied1 | (tied2 & found2)
 
 
-def max_frames(graph, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+def max_frames(graph, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor):
     """``max`` frame from this layer's attention logits [E, H]."""
     return _max_style_frames(graph, logits, rhat, candidate)
 
 
-def static_local_frames(graph, dist_logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """``static_local`` frame: the ``max`` rule on the distance term -|r|^2/(2 sigma^2) alone."""
-    return _max_style_frames(graph, dist_logits, rhat, candidate)
+def static_local_frames(graph, dist_logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
+                        logits: torch.Tensor):
+    """``static_local`` frame: the ``max`` rule on the distance term -|r|^2/(2 sigma^2) alone.
+    Equidistant neighbours of different species are common (Heusler, rocksalt second shells) and
+    not symmetry-related, so distance ties are broken by the full attention logit, which sees
+    species: the choice then does not depend on atom order."""
+    return _max_style_frames(graph, dist_logits, rhat, candidate, secondary=logits)
 
 
 def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
@@ -133,8 +151,9 @@ def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: f
 
 
 def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
-                        logits: torch.Tensor, eig_tol: float = 1e-3) -> torch.Tensor:
-    """``weighted_pca`` frame from the attention weights [E, H] of this layer."""
+                        logits: torch.Tensor, eig_tol: float = 1e-3):
+    """``weighted_pca`` frame from the attention weights [E, H] of this layer.
+    Returns (frames, tied) where tied marks the max-frame fallback's ties."""
     N, dst = graph.num_nodes(), graph.edges()[1]
     E, H = weights.shape
     block = edge_to_node_block(dst, N)
@@ -158,15 +177,25 @@ def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candid
     scale = evals[..., 0].clamp_min(1e-12)
     gaps = torch.stack([evals[..., 0] - evals[..., 1], evals[..., 1] - evals[..., 2]], -1) / scale.unsqueeze(-1)
     degenerate = (gaps < eig_tol).any(-1) | (evals[..., 0] < 1e-8)
+    tied = torch.zeros_like(degenerate)
     if degenerate.any():
-        fallback = max_frames(graph, logits, rhat, candidate)
+        fallback, fallback_tied = max_frames(graph, logits, rhat, candidate)
         frames = torch.where(degenerate[..., None, None], fallback, frames)
-    return frames
+        tied = degenerate & fallback_tied
+    return frames, tied
 
 
-def pca_frames(graph, num_heads: int, pos_key: str = "pos") -> torch.Tensor:
-    """``pca`` frame: principal axes of the unit-cell positions of each structure (not cell-choice
-    invariant, by construction).  Oriented by the third moment; identity for degenerate spreads."""
+def _per_node(graph, per_graph: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, 3, 3] per structure -> [N, H, 3, 3] per atom and head (a view, no copy over heads)."""
+    seg = torch.repeat_interleave(torch.arange(graph.batch_size, device=per_graph.device), graph.batch_num_nodes())
+    return per_graph[seg].unsqueeze(1).expand(-1, num_heads, -1, -1)
+
+
+def pca_frames(graph, num_heads: int, pos_key: str = "pos", eig_tol: float = 1e-3) -> torch.Tensor:
+    """``pca`` frame: principal axes of the unit-cell positions of each structure, oriented by
+    their third moments.  Not cell-choice invariant, by construction (the paper's baseline).
+    Where the spread is degenerate (one atom, collinear or coplanar-isotropic positions, cubic
+    arrangements) the axes are arbitrary, so the ``lattice`` frame is used instead."""
     if pos_key not in graph.ndata:
         raise KeyError(f"the 'pca' frame needs Cartesian positions in graph.ndata[{pos_key!r}]")
     pos = graph.ndata[pos_key].double()
@@ -177,16 +206,18 @@ def pca_frames(graph, num_heads: int, pos_key: str = "pos") -> torch.Tensor:
     x = pos - centre[seg]
     cov = torch.zeros(B, 3, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, x.unsqueeze(-1) * x.unsqueeze(-2))
     evals, evecs = torch.linalg.eigh(cov)
-    axes = evecs.flip(-1).transpose(-1, -2)  # rows, largest first
+    evals, axes = evals.flip(-1), evecs.flip(-1).transpose(-1, -2)  # rows, largest first
     proj = (axes[seg] * x.unsqueeze(1)).sum(-1)  # [N, 3]
     third = torch.zeros(B, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, proj.pow(3))
     axes = _orient(axes, torch.zeros_like(third), third, tol=0.0)
     e1, e2 = axes[:, 0], axes[:, 1]
     frames = torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=1)
-    flat = evals[:, -1] < 1e-8  # one atom (or all on one point): no spread to take axes from
-    eye = torch.eye(3, dtype=pos.dtype, device=pos.device).expand(B, 3, 3)
-    frames = torch.where(flat[:, None, None], eye, frames).to(graph.ndata[pos_key].dtype)
-    return frames[seg].unsqueeze(1).expand(-1, num_heads, -1, -1)
+    scale = evals[:, 0].clamp_min(1e-12)
+    gaps = torch.stack([evals[:, 0] - evals[:, 1], evals[:, 1] - evals[:, 2]], -1) / scale.unsqueeze(-1)
+    degenerate = (gaps < eig_tol).any(-1) | (evals[:, 0] < 1e-8)
+    if degenerate.any():
+        frames = torch.where(degenerate[:, None, None], _lattice_axes(graph), frames)
+    return _per_node(graph, frames, num_heads)
 
 
 _OFFSETS = torch.stack(torch.meshgrid(*[torch.arange(-3, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -205,14 +236,13 @@ def _first_within(length: torch.Tensor, valid: torch.Tensor, tol: float = TIE_TO
     return torch.where(near, idx, torch.full_like(idx, length.shape[-1])).min(-1).values
 
 
-def lattice_frames(graph, num_heads: int) -> torch.Tensor:
-    """``lattice`` frame: unit vectors of short primitive lattice vectors (not orthogonalised)."""
+def _lattice_axes(graph) -> torch.Tensor:
+    """[B, 3, 3] float64 lattice frame per structure (see ``lattice_frames``)."""
     key = "prim_lattice" if "prim_lattice" in graph.ndata else "lattice"
     if key not in graph.ndata:
         raise KeyError("the 'lattice' frame needs graph.ndata['lattice'] (rows = lattice vectors)")
     counts = graph.batch_num_nodes()
-    first_node = torch.cumsum(counts, 0) - counts
-    lat = graph.ndata[key][first_node].double()  # [B, 3, 3]
+    lat = graph.ndata[key][torch.cumsum(counts, 0) - counts].double()  # first node of each graph
     vecs = torch.einsum("mk,bkc->bmc", _OFFSETS.to(lat.device, lat.dtype), lat)  # [B, M, 3]
     length = vecs.norm(dim=-1)
     unit = vecs / length.unsqueeze(-1)
@@ -227,15 +257,19 @@ def lattice_frames(graph, num_heads: int) -> torch.Tensor:
     e3 = unit[rows, _first_within(length, ~coplanar & (c1 >= -eps))]
     frames = torch.stack([e1, e2, e3], dim=1)
     left = torch.linalg.det(frames) < 0
-    frames = torch.where(left[:, None, None], -frames, frames).to(graph.ndata[key].dtype)
-    seg = torch.repeat_interleave(torch.arange(len(counts), device=lat.device), counts)
-    return frames[seg].unsqueeze(1).expand(-1, num_heads, -1, -1)
+    return torch.where(left[:, None, None], -frames, frames)
+
+
+def lattice_frames(graph, num_heads: int) -> torch.Tensor:
+    """``lattice`` frame: unit vectors of short primitive lattice vectors (not orthogonalised)."""
+    return _per_node(graph, _lattice_axes(graph), num_heads)
 
 
 @torch.no_grad()
 def compute_frames(kind: str, graph, rhat: torch.Tensor, candidate: torch.Tensor, logits: torch.Tensor,
                    weights: torch.Tensor, dist_logits: torch.Tensor):
-    """Dispatch on the frame type.  Returns [N, H, 3, 3] (rows = axes), or None for ``none``.
+    """Dispatch on the frame type.  Returns ``(frames, tied)``: frames [N, H, 3, 3] (rows = axes)
+    and tied [N, H] bool (the choice of e1 or e2 was a tie), or ``(None, None)`` for ``none``.
 
     rhat: [E, 3] unit displacement (0 for the self image); candidate: [E] bool (not the self image);
     logits, weights, dist_logits: [E, H] attention logits, softmax weights, and the distance-only
@@ -243,15 +277,16 @@ def compute_frames(kind: str, graph, rhat: torch.Tensor, candidate: torch.Tensor
     """
     H = logits.shape[1]
     if kind == "none":
-        return None
+        return None, None
     if kind == "max":
         return max_frames(graph, logits, rhat, candidate)
     if kind == "static_local":
-        return static_local_frames(graph, dist_logits, rhat, candidate)
+        return static_local_frames(graph, dist_logits, rhat, candidate, logits)
     if kind == "weighted_pca":
         return weighted_pca_frames(graph, weights, rhat, candidate, logits)
+    untied = torch.zeros(graph.num_nodes(), H, dtype=torch.bool, device=rhat.device)
     if kind == "pca":
-        return pca_frames(graph, H)
+        return pca_frames(graph, H).to(rhat.dtype), untied
     if kind == "lattice":
-        return lattice_frames(graph, H)
+        return lattice_frames(graph, H).to(rhat.dtype), untied
     check_frame_type(kind)
