@@ -1,0 +1,251 @@
+"""hpo sweeps and reports with injected fake trainers (no model training: seconds, not minutes)."""
+import logging
+import math
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+yaml = pytest.importorskip("yaml")
+
+from optuna.trial import TrialState  # noqa: E402
+
+from hpo import fake  # noqa: E402
+from hpo import space as S  # noqa: E402
+from hpo.__main__ import main  # noqa: E402
+from hpo.objective import Trainer  # noqa: E402
+from hpo.report import run_report  # noqa: E402
+from hpo.sweep import SweepSettings, run_sweep  # noqa: E402
+
+@pytest.fixture
+def tmp_path(tmp_path):
+    """SQLite commits fsync: on tmpfs (/dev/shm) the studies below run several times faster."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        d = Path(tempfile.mkdtemp(prefix="hpo-test-", dir="/dev/shm"))
+        yield d
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield tmp_path
+
+
+SMALL = S.narrow(S.SPACE, {"frame": "max,none,pca", "num_layers": "2..5"})
+
+
+def settings(tmp_path, **kw):
+    base = dict(study="t", dataset="megnet_sample", target="e_form", n_trials=6, out=tmp_path,
+                space=SMALL, fixed={"epochs": 4}, pruner="none", heartbeat_interval=1,
+                grace_period=5, sampler_seed=0)
+    base.update(kw)
+    return SweepSettings(**base)
+
+
+def states(study):
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def test_sweep_records_config_and_result(tmp_path, caplog):
+    calls = []
+
+    def train(config, cb):
+        calls.append(config)
+        return fake.train(config, cb)
+
+    with caplog.at_level(logging.INFO, logger="hpo"):
+        study = run_sweep(settings(tmp_path), Trainer(train))
+    assert (tmp_path / "hpo.db").exists()  # default storage: OUT/hpo.db
+    assert states(study) == [TrialState.COMPLETE] * 6
+    t = study.best_trial
+    cfg = t.user_attrs["config"]
+    assert cfg["dataset"] == "megnet_sample" and cfg["preset"] == "quick" and cfg["epochs"] == 4
+    assert {k: cfg[k] for k in t.params} == t.params
+    assert cfg["out_dir"].endswith("trial_%05d" % t.number)
+    assert t.user_attrs["result"]["test_mae"] > 0
+    assert t.value == pytest.approx(t.user_attrs["result"]["val_mae"])
+    assert sorted(t.intermediate_values) == [1, 2, 3, 4]  # per-epoch val MAE reported
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ")]
+    assert len(lines) == 6 and all("COMPLETE" in line and "frame=" in line for line in lines)
+
+
+def test_resume_is_study_wide_and_settings_must_match(tmp_path):
+    run_sweep(settings(tmp_path, n_trials=3), Trainer(fake.train))
+    study = run_sweep(settings(tmp_path, n_trials=5), Trainer(fake.train))
+    assert len(study.trials) == 5  # resumed: 3 + 2, not 3 + 5
+    study = run_sweep(settings(tmp_path, n_trials=5), Trainer(fake.train))
+    assert len(study.trials) == 5  # nothing to do
+    with pytest.raises(SystemExit, match="other settings"):
+        run_sweep(settings(tmp_path, n_trials=6, target="gap"), Trainer(fake.train))
+    narrower = S.narrow(SMALL, {"frame": "max"})
+    with pytest.raises(SystemExit, match="space"):
+        run_sweep(settings(tmp_path, n_trials=6, space=narrower), Trainer(fake.train))
+    with pytest.raises(SystemExit, match="objective"):
+        run_sweep(settings(tmp_path, n_trials=6, objectives=("mae", "latency")), Trainer(fake.train))
+
+
+def test_failures_and_nans_are_fail_and_never_stop_the_study(tmp_path):
+    def train(config, cb):
+        if config["frame"] == "pca":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if config["frame"] == "none" and config["num_layers"] == 2:
+            cb(1, {"val_mae": 0.1, "train_loss": float("nan")})  # NaN loss during training
+        if config["frame"] == "none":
+            return {**fake.train(config, cb), "val_mae": float("nan")}  # NaN final MAE
+        return fake.train(config, cb)
+
+    sp = S.narrow(SMALL, {"frame": "max,none,pca", "num_layers": "2..3", "num_angle_basis": "64",
+                          "lr": "5e-4", "batch_size": "64"})
+    study = run_sweep(settings(tmp_path, sampler="grid", space=sp, n_trials=100), Trainer(train))
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == S.grid_size(sp) == 3 * 2  # the grid ran to the end
+    by_frame = {}
+    for t in trials:
+        by_frame.setdefault(t.params["frame"], set()).add(t.state)
+    assert by_frame == {"max": {TrialState.COMPLETE}, "pca": {TrialState.FAIL},
+                        "none": {TrialState.FAIL}}
+    errors = {t.user_attrs["error"].split(":")[0] for t in trials if t.state == TrialState.FAIL}
+    assert errors == {"RuntimeError", "NonFiniteMetric"}
+    nan_loss = [t for t in trials if t.params["frame"] == "none" and t.params["num_layers"] == 2]
+    assert all("train_loss" in t.user_attrs["error"] for t in nan_loss)
+    assert all(t.state != TrialState.RUNNING for t in trials)
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_pruners_stop_bad_trials(tmp_path, pruner):
+    seen_epochs = []
+
+    def train(config, cb):
+        bad = config["frame"] == "pca"
+        for epoch in range(1, 7):
+            seen_epochs.append((config["frame"], epoch))
+            cb(epoch, {"val_mae": (1.0 if bad else 0.1) + 1.0 / epoch, "train_loss": 0.1})
+        return {"val_mae": 0.1 + 0.1, "test_mae": 0.2, "latency_ms_per_crystal": 1.0}
+
+    sp = S.narrow(SMALL, {"frame": "max,pca"})
+    study = run_sweep(settings(tmp_path, pruner=pruner, pruner_warmup=1, n_trials=12,
+                               sampler="random"), Trainer(train))
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.params["frame"] == "pca" for t in pruned)
+    assert all(t.last_step < 6 for t in pruned)
+    assert all("config" in t.user_attrs and "last_epoch" in t.user_attrs for t in pruned)
+    assert len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 12
+
+
+def test_multi_objective_pareto_and_report(tmp_path, caplog, capsys):
+    with caplog.at_level(logging.INFO, logger="hpo"):
+        study = run_sweep(settings(tmp_path, objectives=("mae", "latency"), pruner="median",
+                                   n_trials=8), Trainer(fake.train))
+    assert any("pruning disabled" in r.getMessage() for r in caplog.records)
+    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    assert all(len(t.values) == 2 for t in study.trials)
+    assert all(not t.intermediate_values for t in study.trials)
+    files = run_report("t", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep")
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "latency_ms_per_crystal" in out
+    names = {p.name for p in files["plots"]}
+    assert "pareto_front.png" in names and "optimization_history.png" in names
+    best = yaml.safe_load((tmp_path / "rep" / "best_config.yaml").read_text())
+    front_mae = min(t.values[0] for t in study.best_trials)
+    assert fake.final_mae(best) * 1.5 == pytest.approx(front_mae)  # val at epoch 4 = 1.5 x final
+
+
+def test_report_tables_best_config_and_plots(tmp_path, capsys):
+    study = run_sweep(settings(tmp_path, n_trials=10, pruner="median"), Trainer(fake.train))
+    files = run_report("t", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep",
+                       overrides={"preset": "paper"})
+    out = capsys.readouterr().out
+    assert "frame \\ num_layers" in out and "top " in out
+    best = yaml.safe_load(files["best_config"].read_text())
+    stored = study.best_trial.user_attrs["config"]
+    assert set(best) <= set(stored)  # TrainConfig keys only
+    assert set(best) == {"dataset", "target", "preset", "epochs", *S.SPACE}  # what the sweep chose
+    assert best["preset"] == "paper" and best["frame"] == study.best_trial.params["frame"]
+    assert files["trials_csv"].exists()
+    plots = {p.name for p in files["plots"]}
+    for name in ("optimization_history", "param_importances"):
+        assert f"{name}.png" in plots
+        if optuna.visualization.is_available():
+            assert f"{name}.html" in plots
+    for p in files["plots"]:
+        assert p.stat().st_size > 1000
+
+
+def test_best_config_keys_are_train_config_fields(tmp_path):
+    training = pytest.importorskip("dgl_crystalframer.training",
+                                   reason="dgl_crystalframer.training not available yet")
+    import dataclasses
+
+    from hpo.objective import real_trainer
+
+    trainer = real_trainer()
+    cfg = trainer.complete({"dataset": "megnet_sample", "target": "e_form", "frame": "max"})
+    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    assert set(cfg) == fields
+    study = run_sweep(settings(tmp_path, n_trials=2), Trainer(fake.train, complete=trainer.complete))
+    files = run_report("t", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep", plots=False)
+    best = yaml.safe_load(files["best_config"].read_text())
+    assert set(best) <= fields
+    training.TrainConfig.from_dict(best).resolved()
+    read = getattr(training, "read_config_file", None)  # what benchmarks.jarvis --config uses
+    if read is not None:
+        assert read(str(files["best_config"])) == best
+    assert study.best_trial.user_attrs["config"]["frame"] == best["frame"]
+
+
+def test_missing_plot_backends_warn_instead_of_crashing(tmp_path, monkeypatch, caplog):
+    import optuna.visualization as vis
+    import optuna.visualization.matplotlib as vis_mpl
+
+    run_sweep(settings(tmp_path, n_trials=1), Trainer(fake.train))
+    monkeypatch.setattr(vis, "is_available", lambda: False)
+    monkeypatch.setattr(vis_mpl, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="hpo"):
+        files = run_report("t", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep")
+    assert files["plots"] == [] and files["best_config"].exists()
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "plotly is not installed" in text and "matplotlib is not installed" in text
+
+
+def test_cli_end_to_end_with_the_test_hook(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HPO_TRAINER", "hpo.fake:train")
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("num_angle_basis: [64]\nbatch_size: 64\nfixed:\n  epochs: 3\n")
+    argv = ["--study", "cli", "--dataset", "megnet_sample", "--target", "e_form", "--n-trials", "4",
+            "--out", str(tmp_path), "--frames", "max,none", "--layers", "2..3", "--lr", "5e-4",
+            "--space", str(space_file), "--sampler", "grid", "--seed", "7"]
+    assert main(argv) == 0
+    study = optuna.load_study(study_name="cli", storage=f"sqlite:///{tmp_path}/hpo.db")
+    combos = {(t.params["frame"], t.params["num_layers"]) for t in study.trials}
+    assert combos == {("max", 2), ("max", 3), ("none", 2), ("none", 3)}  # the whole 2x2 grid
+    assert study.trials[0].user_attrs["config"]["epochs"] == 3
+    assert study.trials[0].user_attrs["config"]["seed"] == 7
+    assert main(["report", "--study", "cli", "--out", str(tmp_path), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "best trial" in out
+    assert (tmp_path / "cli" / "report" / "best_config.yaml").exists()
+
+
+def test_cli_errors_are_clear(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HPO_TRAINER", "hpo.fake:train")
+    common = ["--study", "e", "--dataset", "d", "--target", "t", "--n-trials", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="bogus"):
+        main(common + ["--frames", "max,bogus"])
+    with pytest.raises(SystemExit, match="searched"):
+        main(common + ["--set", "num_layers=3"])
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "--n-trials" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no study"):
+        run_sweep(settings(tmp_path, n_trials=1), Trainer(fake.train))
+        run_report("missing", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep")
+
+
+def test_fake_trainer_is_deterministic_and_finite():
+    cfg = {"frame": "max", "num_layers": 5, "lr": 5e-4, "num_angle_basis": 64, "batch_size": 64}
+    seen = []
+    r = fake.train({**cfg, "epochs": 3}, lambda e, m: seen.append(m["val_mae"]))
+    assert len(seen) == 3 and seen == sorted(seen, reverse=True)
+    assert math.isfinite(r["latency_ms_per_crystal"]) and r["val_mae"] == seen[-1]

@@ -1,0 +1,299 @@
+"""Training recipe, checkpoints, resume (including after kill -9), presets and config files.
+
+Fast: a tiny model (1 layer, d=32) on a few dozen real MP crystals taken from the embedded sample.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dgl_crystalframer.training import (SWA, ConfigError, TrainConfig, Trainer, load_checkpoint, paper_schedule,
+                                        train_and_evaluate, weight_decay_groups)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "dgl_crystalframer" / "sample" / "megnet_sample.json.gz"
+TINY = dict(num_layers=1, dim=32, num_heads=4, ffn_dim=64, num_angle_basis=8)
+
+
+def write_small_dataset(path: Path, n_train: int = 40, n_val: int = 12, n_test: int = 12, max_atoms: int = 6) -> Path:
+    """A JSON dataset (jarvis-style records with a 'split' field) of small real MP crystals, target e_form."""
+    doc = json.loads(gzip.decompress(SAMPLE.read_bytes()))
+    want = {"train": n_train, "val": n_val, "test": n_test}
+    records = []
+    for e in doc["entries"]:
+        split = (e.get("split") or {}).get("e_form")
+        value = e["targets"].get("e_form")
+        if split not in want or want[split] == 0 or value is None or len(e["species"]) > max_atoms:
+            continue
+        if not all(isinstance(s, str) for s in e["species"]):
+            continue
+        want[split] -= 1
+        records.append({"id": e["id"], "atoms": {"lattice_mat": e["lattice"], "coords": e["frac_coords"],
+                                                 "elements": e["species"], "cartesian": False},
+                        "e_form": value, "split": split})
+    path.write_text(json.dumps(records))
+    return path
+
+
+def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(dataset=str(data), target="e_form", frame="max", preset="smoke", epochs=3, batch_size=8,
+                max_train=None, max_eval=None, cache_dir=str(out.parent / "cache"), out_dir=str(out), progress=False,
+                plots=False, threads=1, **TINY)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return write_small_dataset(tmp_path_factory.mktemp("data") / "small.json")
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_paper_preset_follows_spec():
+    c = TrainConfig(dataset="dft_3d_2021", target="formation_energy_peratom", preset="paper").resolved()
+    assert (c.epochs, c.batch_size, c.swa_epochs, c.frame) == (2000, 256, 50, "max")
+    assert (c.num_layers, c.dim) == (None, None)  # the model's defaults (L=4, d=128)
+    c = TrainConfig(dataset="dft_3d_2021", target="formation_energy_peratom", frame="none").resolved()
+    assert (c.epochs, c.batch_size) == (800, 256)
+    assert paper_schedule("dft_3d_2021", "mbj_bandgap", "none")["epochs"] == 1600
+    c = TrainConfig(dataset="megnet", target="e_form").resolved()
+    assert (c.epochs, c.batch_size, c.swa_epochs, c.lr, c.betas, c.weight_decay, c.clip, c.lr_T, c.seed) == (
+        500, 128, 50, 5e-4, (0.9, 0.98), 1e-5, 1.0, 4000.0, 123)
+    assert c.out_dir == os.path.join("runs", "megnet-e_form-max")
+
+
+def test_explicit_fields_override_presets():
+    c = TrainConfig(preset="quick", epochs=7, num_layers=3, batch_size=5).resolved()
+    assert (c.epochs, c.num_layers, c.batch_size) == (7, 3, 5)
+    assert c.dim is not None and c.max_train is not None  # the rest from the preset
+    assert c.swa_epochs == 1  # 10% of 7, at least 1
+    s = TrainConfig(preset="smoke").resolved()
+    assert s.epochs <= 3 and s.num_layers == 1
+    with pytest.raises(ConfigError, match="frame"):
+        TrainConfig(frame="bogus").resolved()
+    with pytest.raises(ConfigError, match="swa_epochs"):
+        TrainConfig(epochs=3, swa_epochs=4).resolved()
+
+
+def test_config_file_yaml_json_and_unknown_keys(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("dataset: megnet_sample\ntarget: gap_pbe\nepochs: 4\nlr: 1.0e-3\nbetas: [0.9, 0.99]\n")
+    c = TrainConfig.from_file(str(y), epochs=9)
+    assert (c.target, c.epochs, c.lr, c.betas) == ("gap_pbe", 9, 1e-3, (0.9, 0.99))
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"frame": "none", "num_layers": 2}))
+    assert TrainConfig.from_file(str(j)).num_layers == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'learning_rate'.*Valid keys"):
+        TrainConfig.from_file(str(bad))
+    bad.write_text("epochs: three\n")
+    with pytest.raises(ConfigError, match="epochs must be int"):
+        TrainConfig.from_file(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.from_file(str(tmp_path / "missing.yaml"))
+
+
+# -- recipe pieces ----------------------------------------------------------------------------
+
+
+def test_weight_decay_only_on_weights():
+    from dgl_crystalframer.model import CrystalFramer
+
+    model = CrystalFramer(**TINY)
+    decay, no_decay = weight_decay_groups(model, 1e-5)
+    assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any(names[id(p)].endswith("bias") for p in no_decay["params"])
+    assert not any(names[id(p)].endswith("bias") for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_lr_schedule_and_swa_average():
+    t = Trainer(TrainConfig(epochs=10, swa_epochs=2))
+    assert t.lr_at(0) == pytest.approx(5e-4)
+    assert t.lr_at(4000) == pytest.approx(5e-4 * math.sqrt(0.5))
+    t.swa_start_step = 100  # lr frozen once SWA starts
+    assert t.lr_at(5000) == t.lr_at(100) == pytest.approx(5e-4 * math.sqrt(4000 / 4100))
+
+    lin = torch.nn.Linear(2, 1)
+    swa = SWA(lin)
+    seen = []
+    for k in range(3):
+        with torch.no_grad():
+            lin.weight.fill_(float(k))
+        seen.append(lin.weight.detach().clone())
+        swa.update(lin)
+    assert torch.allclose(swa.module.weight, torch.stack(seen).mean(0))
+    assert swa.n_averaged == 3
+
+
+# -- a full small run ---------------------------------------------------------------------------
+
+
+def test_train_writes_everything_and_checkpoints_load(small_data, tmp_path):
+    calls = []
+    out = tmp_path / "run"
+    res = train_and_evaluate(tiny_config(small_data, out, plots=True), epoch_callback=lambda e, m: calls.append((e, m)))
+    for key in ("dataset", "target", "frame", "n_train", "n_val", "n_test", "test_mae", "val_mae", "params",
+                "train_seconds", "crystals_per_second", "latency_ms_per_crystal", "best_val_mae", "best_test_mae"):
+        assert key in res, key
+    assert (res["n_train"], res["n_val"], res["n_test"]) == (40, 12, 12)
+    assert res["unit"] == "" or isinstance(res["unit"], str)
+    assert math.isfinite(res["test_mae"]) and res["latency_ms_per_crystal"] > 0
+    assert [e for e, _ in calls] == [1, 2, 3]
+    assert {"val_mae", "train_loss", "train_mae", "lr", "seconds"} <= set(calls[0][1])
+    for name in ("best.pt", "swa.pt", "last.pt", "log.csv", "results.json", "test_predictions.csv", "parity.png",
+                 "learning_curve.png"):
+        assert (out / name).is_file(), name
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 3
+    assert json.loads((out / "results.json").read_text())["test_mae"] == pytest.approx(res["test_mae"])
+    assert not list(out.glob("*.tmp"))
+
+    model, meta = load_checkpoint(str(out / "swa.pt"))
+    assert meta["kind"] == "swa" and meta["target"] == "e_form"
+    assert meta["cutoff"] == pytest.approx(res["cutoff"]) and meta["normalizer"]["std"] > 0
+    assert model.config["num_layers"] == 1 and not model.training
+    # the checkpoint alone reproduces the test predictions of the run
+    from dgl_crystalframer.data import collate, load_dataset
+
+    splits = load_dataset(str(small_data), "e_form", cache_dir=str(tmp_path / "cache"), progress=False)
+    bg, y = collate([splits.test[i] for i in range(len(splits.test))])
+    with torch.no_grad():
+        pred = model(bg).double().numpy() * meta["normalizer"]["std"] + meta["normalizer"]["mean"]
+    assert float(np.mean(np.abs(pred - y[:, 0].double().numpy()))) == pytest.approx(res["test_mae"], rel=1e-5, abs=1e-7)
+    best, bmeta = load_checkpoint(str(out / "best.pt"))
+    assert bmeta["kind"] == "best" and bmeta["val_mae"] == pytest.approx(res["best_val_mae"])
+    _, lmeta = load_checkpoint(str(out / "last.pt"))
+    assert lmeta["epoch"] == 3
+
+
+def test_same_seed_same_result_and_seed_matters(small_data, tmp_path):
+    a = train_and_evaluate(tiny_config(small_data, tmp_path / "a", epochs=2))
+    b = train_and_evaluate(tiny_config(small_data, tmp_path / "b", epochs=2))
+    c = train_and_evaluate(tiny_config(small_data, tmp_path / "c", epochs=2, seed=7))
+    assert a["test_mae"] == b["test_mae"]
+    assert a["test_mae"] != c["test_mae"]
+
+
+def test_callback_exception_propagates_and_nan_loss_raises(small_data, tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        raise Stop(epoch)
+
+    with pytest.raises(Stop):
+        train_and_evaluate(tiny_config(small_data, tmp_path / "cb"), epoch_callback=stop)
+
+    from dgl_crystalframer.model import CrystalFramer
+
+    forward = CrystalFramer.forward
+    monkeypatch.setattr(CrystalFramer, "forward", lambda self, g: forward(self, g) * float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        train_and_evaluate(tiny_config(small_data, tmp_path / "nan"))
+
+
+def test_resume_refuses_a_different_config(small_data, tmp_path):
+    out = tmp_path / "r"
+    first = train_and_evaluate(tiny_config(small_data, out, epochs=2))
+    again = train_and_evaluate(tiny_config(small_data, out, epochs=2, resume=True))  # finished: only re-evaluates
+    assert again["test_mae"] == first["test_mae"]
+    with pytest.raises(ConfigError, match="lr"):
+        train_and_evaluate(tiny_config(small_data, out, epochs=2, lr=1e-3, resume=True))
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, sys, time, json
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    sys.path.insert(0, {tests!r})
+    from test_training import tiny_config
+    from pathlib import Path
+    from dgl_crystalframer.data import load_dataset
+    from dgl_crystalframer.training import train_and_evaluate
+
+    data, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    cfg = tiny_config(data, out, epochs=5, swa_epochs=2, resume=(mode == "resume"))
+    splits = load_dataset(str(data), "e_form", cache_dir=cfg.cache_dir, progress=False)
+    state = {{"hang": False, "items": 0}}
+
+    class Slow:  # the training split, but it hangs in the middle of epoch 3 (after one optimiser step)
+        def __init__(self, ds):
+            self.ds, self.ids, self.targets = ds, ds.ids, ds.targets
+        def __len__(self):
+            return len(self.ds)
+        def __getitem__(self, i):
+            if state["hang"]:
+                state["items"] += 1
+                if state["items"] > cfg.batch_size:
+                    (out / "HANGING").write_text("epoch 3")
+                    time.sleep(600)
+            return self.ds[i]
+
+    def callback(epoch, metrics):
+        if mode == "hang" and epoch == 2:
+            state["hang"] = True
+
+    if mode == "hang":
+        splits = splits._replace(train=Slow(splits.train))
+    res = train_and_evaluate(cfg, epoch_callback=callback, data=splits)
+    print("RESULT", json.dumps({{"test_mae": res["test_mae"], "val_mae": res["val_mae"]}}))
+""")
+
+
+def _run_script(script: Path, *args: str, timeout: float = 120) -> dict:
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_result(small_data, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent)))
+    ref = _run_script(script, str(small_data), str(tmp_path / "ref"), "plain")
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(small_data), str(out), "hang"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (out / "HANGING").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the run never reached epoch 3"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-epoch 3, one optimiser step after the epoch-2 checkpoint
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    _, meta = load_checkpoint(str(out / "last.pt"))
+    assert meta["epoch"] == 2
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 2
+
+    resumed = _run_script(script, str(small_data), str(out), "resume")
+    assert resumed["test_mae"] == pytest.approx(ref["test_mae"], rel=1e-6, abs=1e-9)
+    assert resumed["val_mae"] == pytest.approx(ref["val_mae"], rel=1e-6, abs=1e-9)
+    a = torch.load(tmp_path / "ref" / "swa.pt", weights_only=True)["model"]
+    b = torch.load(out / "swa.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-6, atol=1e-7), k
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 5
