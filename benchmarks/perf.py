@@ -1,0 +1,390 @@
+"""Speed, memory and scaling of dgl_crystalframer on the embedded MP sample.
+
+    python -m benchmarks.perf                  # everything, ~5 min on 2 cores
+    python -m benchmarks.perf --quick          # fewer repeats, ~2 min
+    python -m benchmarks.perf --frames none,max --out runs/perf
+
+The paper's default configuration (4 layers, d=128, 8 heads, D=64), torch threads set
+explicitly, warm-up excluded, medians of repeats.  Prints a table and writes OUT/perf.json:
+
+- graph construction: crystals/s and edges per atom (default cutoff);
+- training: crystals/s of forward + backward + AdamW step at batch 64, per frame type;
+- inference: ms per crystal at batch 1 and at batch 256 (frame max);
+- peak RSS of a training process during steps at batch 64 (frame max, a fresh subprocess);
+- scaling: one training step on the same crystals as 1x, 2x, 4x, 8x supercells, and the
+  log-log slope of time against the number of edges (1 = linear);
+- the plain-PyTorch reference (benchmarks/reference.py) on the same batches: speed ratio and
+  the largest relative difference of the outputs (must be <= 1e-5);
+- the OpenMP wait policy: the same training and batch-1 inference in a subprocess with
+  OMP_WAIT_POLICY=active (torch's and DGL's OpenMP runtimes then spin against each other).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch/DGL load (see dgl_crystalframer/_dgl.py)
+
+import argparse  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Dict, List, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dgl_crystalframer._dgl import dgl  # noqa: E402
+from dgl_crystalframer.data import SAMPLE_PATH, collate, load_dataset  # noqa: E402
+from dgl_crystalframer.graph import CrystalArrays, graph_from_arrays, structure_to_arrays  # noqa: E402
+from dgl_crystalframer.model import CrystalFramer  # noqa: E402
+
+FRAMES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
+TARGETS = {  # the performance issue's targets on 2 CPU cores (frame max)
+    "train_crystals_per_s": (">=", 60.0),
+    "infer_ms_batched": ("<=", 4.0),
+    "infer_ms_batch1": ("<=", 15.0),
+    "peak_rss_mb": ("<=", 2048.0),
+    "scaling_slope": ("in", (0.9, 1.1)),
+    "speedup_vs_reference": (">=", 5.0),
+    "max_over_none": ("<=", 1.6),
+}
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def make_model(frame: str, seed: int = 0) -> CrystalFramer:
+    torch.manual_seed(seed)
+    return CrystalFramer(frame=frame)  # the paper's default: 4 layers, d=128, 8 heads, D=64
+
+
+def train_step_fn(model: torch.nn.Module, batches: Sequence, forward=None) -> Callable[[], None]:
+    """A closure running one forward + backward + AdamW step per call, cycling over ``batches``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = forward or (lambda bg: model(bg))
+    model.train()
+    state = {"i": 0}
+
+    def step():
+        bg, y = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        loss = torch.nn.functional.l1_loss(forward(bg), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def train_batches(graphs: Sequence, batch_size: int, n_batches: int):
+    out = []
+    for b in range(n_batches):
+        chunk = graphs[b * batch_size:(b + 1) * batch_size]
+        bg = dgl.batch(list(chunk))
+        out.append((bg, torch.linspace(-1, 1, len(chunk))))
+    return out
+
+
+def sample_graphs(n: int) -> List[Any]:
+    d = load_dataset("megnet_sample", "e_form", progress=False)
+    graphs = [d.train[i][0] for i in range(min(n, len(d.train)))]
+    return graphs
+
+
+def sample_arrays(n: int) -> List[CrystalArrays]:
+    doc = json.loads(gzip.decompress(Path(SAMPLE_PATH).read_bytes()))
+    out = []
+    for e in doc["entries"]:
+        if all(isinstance(s, str) for s in e["species"]):
+            out.append(structure_to_arrays({"lattice_mat": e["lattice"], "coords": e["frac_coords"],
+                                            "elements": e["species"]}, e["id"]))
+        if len(out) == n:
+            break
+    return out
+
+
+def supercell(a: CrystalArrays, reps: Sequence[int]) -> CrystalArrays:
+    shifts = np.stack(np.meshgrid(*[np.arange(r) for r in reps], indexing="ij"), -1).reshape(-1, 3)
+    cart = (a.cart[None] + (shifts @ a.lattice)[:, None]).reshape(-1, 3)
+    k = len(shifts)
+    return CrystalArrays(a.lattice * np.asarray(reps)[:, None], cart, np.tile(a.species, (k, 1)), np.tile(a.Z, k), a.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def bench_graph_build(n: int) -> Dict[str, float]:
+    arrays = sample_arrays(n)
+    times, edges, atoms = [], 0, 0
+    for a in arrays:
+        t0 = time.perf_counter()
+        g = graph_from_arrays(a)
+        times.append(time.perf_counter() - t0)
+        edges += g.num_edges()
+        atoms += g.num_nodes()
+    return {"graph_build_crystals_per_s": len(arrays) / sum(times), "graph_build_ms_median": 1000 * float(np.median(times)),
+            "edges_per_atom": edges / atoms, "atoms_per_crystal": atoms / len(arrays), "graph_build_n": len(arrays)}
+
+
+def bench_training(graphs, frames: Sequence[str], repeats: int, batch_size: int = 64) -> Dict[str, float]:
+    batches = train_batches(graphs, batch_size, repeats)
+    out = {}
+    for frame in frames:
+        step = train_step_fn(make_model(frame), batches)
+        out[frame] = batch_size / median_time(step, repeats)
+        print(f"  training, frame {frame:13s} {out[frame]:7.1f} crystals/s", flush=True)
+    return out
+
+
+@torch.no_grad()
+def bench_inference(graphs, frame: str, n_single: int, repeats: int, batch: int = 256) -> Dict[str, float]:
+    model = make_model(frame)
+    model.train()
+    model(dgl.batch(list(graphs[:64])))  # record the sigma normaliser, as a trained model has it
+    model.eval()
+    singles = list(graphs[:n_single])
+    model(singles[0])
+    times = []
+    for g in singles:
+        t0 = time.perf_counter()
+        model(g)
+        times.append(time.perf_counter() - t0)
+    big = dgl.batch(list(graphs[:batch]))
+    t = median_time(lambda: model(big), repeats)
+    return {"infer_ms_batch1": 1000 * float(np.median(times)), "infer_ms_batched": 1000 * t / big.batch_size,
+            "infer_batch": big.batch_size}
+
+
+def bench_reference(graphs, repeats: int, frames=("none", "max"), batch_size: int = 64) -> Dict[str, Any]:
+    from benchmarks import reference
+
+    batches = train_batches(graphs, batch_size, repeats)
+    out: Dict[str, Any] = {"reference_crystals_per_s": {}, "reference_speedup": {}, "reference_max_rel_diff": {}}
+    for frame in frames:
+        model = make_model(frame)
+        plain = [(reference.plain_inputs(bg), y) for bg, y in batches]
+        t_dgl = median_time(train_step_fn(model, batches), repeats)
+        model = make_model(frame)
+        t_ref = median_time(train_step_fn(model, plain, forward=lambda g: reference.forward(model, g)), repeats)
+        model.eval()
+        with torch.no_grad():
+            a, b = model(batches[0][0]), reference.forward(model, plain[0][0])
+        diff = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+        out["reference_crystals_per_s"][frame] = batch_size / t_ref
+        out["reference_speedup"][frame] = t_ref / t_dgl
+        out["reference_max_rel_diff"][frame] = diff
+        print(f"  reference, frame {frame:12s} {batch_size / t_ref:7.1f} crystals/s, DGL {t_ref / t_dgl:.1f}x faster, "
+              f"outputs agree to {diff:.1e}", flush=True)
+    return out
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def bench_memory_and_scaling(repeats: int, frame: str = "max", n_scaling: int = 8) -> Dict[str, Any]:
+    """Run in a fresh process: peak RSS of training steps at batch 64, and supercell scaling."""
+    graphs = sample_graphs(64)
+    step = train_step_fn(make_model(frame), train_batches(graphs, 64, 1))
+    step()
+    before = _rss_mb("VmRSS")
+    can_reset = _reset_peak_rss()
+    for _ in range(max(2, repeats)):
+        step()
+    out: Dict[str, Any] = {"peak_rss_mb": _rss_mb("VmHWM") if can_reset else float("nan"), "rss_before_steps_mb": before}
+
+    base = sample_arrays(n_scaling)
+    rows = []
+    for factor, reps in ((1, (1, 1, 1)), (2, (2, 1, 1)), (4, (2, 2, 1)), (8, (2, 2, 2))):
+        graphs = [graph_from_arrays(supercell(a, reps)) for a in base]
+        bg = dgl.batch(graphs)
+        step = train_step_fn(make_model(frame), [(bg, torch.zeros(len(graphs)))])
+        t = median_time(step, repeats)
+        rss0 = _rss_mb("VmRSS")
+        _reset_peak_rss()
+        step()
+        rows.append({"factor": factor, "atoms": bg.num_nodes(), "edges": bg.num_edges(), "step_seconds": t,
+                     "peak_extra_mb": _rss_mb("VmHWM") - rss0})
+    x = np.log([r["edges"] for r in rows])
+    out["scaling"] = rows
+    out["scaling_slope"] = float(np.polyfit(x, np.log([r["step_seconds"] for r in rows]), 1)[0])
+    mem = [r["peak_extra_mb"] for r in rows]
+    out["scaling_memory_slope"] = float(np.polyfit(x, np.log(mem), 1)[0]) if min(mem) > 0 else None
+    return out
+
+
+def bench_omp_policy(graphs, repeats: int, frame: str = "max") -> Dict[str, float]:
+    """Training and batch-1 inference speed under this process's OMP_WAIT_POLICY."""
+    step = train_step_fn(make_model(frame), train_batches(graphs, 64, repeats))
+    res = {"train_crystals_per_s": 64 / median_time(step, repeats)}
+    res.update(bench_inference(graphs, frame, n_single=20, repeats=1, batch=64))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def machine_info(threads: int) -> Dict[str, Any]:
+    return {"cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__, "dgl": dgl.__version__,
+            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "platform": platform.platform()}
+
+
+def _worker(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """Run one measurement in a subprocess (fresh memory, or another OpenMP setting)."""
+    env = dict(os.environ)
+    if kind == "omp-active":
+        env["OMP_WAIT_POLICY"] = "active"
+    cmd = [sys.executable, "-m", "benchmarks.perf", "--worker", kind, "--threads", str(args.threads),
+           "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_targets(perf: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    values = {
+        "train_crystals_per_s": perf["train_crystals_per_s"].get("max"),
+        "infer_ms_batched": perf.get("infer_ms_batched"),
+        "infer_ms_batch1": perf.get("infer_ms_batch1"),
+        "peak_rss_mb": perf.get("peak_rss_mb"),
+        "scaling_slope": perf.get("scaling_slope"),
+        "speedup_vs_reference": perf.get("speedup_vs_reference"),
+        "max_over_none": perf.get("max_over_none"),
+    }
+    out = {}
+    for key, (op, goal) in TARGETS.items():
+        v = values[key]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            ok = None
+        elif op == ">=":
+            ok = v >= goal
+        elif op == "<=":
+            ok = v <= goal
+        else:
+            ok = goal[0] <= v <= goal[1]
+        out[key] = {"value": v, "target": f"{op} {goal}" if op != "in" else f"{goal[0]}..{goal[1]}", "met": ok}
+    return out
+
+
+def format_report(perf: Dict[str, Any]) -> str:
+    m = perf["machine"]
+    lines = [f"dgl_crystalframer performance: {m['cores']} cores, {m['torch_threads']} torch threads, "
+             f"torch {m['torch']}, dgl {m['dgl']}, OMP_WAIT_POLICY={m['omp_wait_policy']}",
+             "default model: 4 layers, d=128, 8 heads, D=64; embedded MP sample "
+             f"({perf['atoms_per_crystal']:.1f} atoms and {perf['edges_per_atom']:.1f} edges per atom at the default cutoff)",
+             "", f"{'measurement':44s} {'value':>12s}"]
+    row = lambda name, v, fmt="{:.1f}": lines.append(f"{name:44s} {fmt.format(v) if v is not None else '-':>12s}")  # noqa: E731
+    row("graph construction (crystals/s)", perf["graph_build_crystals_per_s"])
+    for frame, v in perf["train_crystals_per_s"].items():
+        row(f"training, batch 64, frame {frame} (crystals/s)", v)
+    row("inference, batch 1 (ms/crystal)", perf["infer_ms_batch1"], "{:.2f}")
+    row(f"inference, batch {perf['infer_batch']} (ms/crystal)", perf["infer_ms_batched"], "{:.2f}")
+    row("peak RSS, training at batch 64 (MB)", perf.get("peak_rss_mb"), "{:.0f}")
+    for r in perf.get("scaling", []):
+        row(f"scaling {r['factor']}x supercells: {r['edges']} edges (s/step)", r["step_seconds"], "{:.3f}")
+    row("scaling slope, log time vs log edges", perf.get("scaling_slope"), "{:.2f}")
+    for frame, v in perf.get("reference_speedup", {}).items():
+        row(f"speed-up vs plain PyTorch, frame {frame}", v, "{:.1f}x")
+        row(f"  outputs agree to (relative), frame {frame}", perf["reference_max_rel_diff"][frame], "{:.1e}")
+    if perf.get("max_over_none") is not None:
+        row("cost of frame max / frame none", perf["max_over_none"], "{:.2f}")
+    omp = perf.get("omp_active")
+    if omp:
+        row("OMP_WAIT_POLICY=active: training, frame max", omp["train_crystals_per_s"])
+        row("OMP_WAIT_POLICY=active: inference batch 1 (ms)", omp["infer_ms_batch1"], "{:.2f}")
+    lines += ["", "targets (2 CPU cores, frame max):"]
+    for key, t in perf["targets"].items():
+        state = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        v = t["value"]
+        lines.append(f"  {key:24s} {v if v is None else round(v, 3)!s:>10s}  target {t['target']:12s} {state}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats and crystals")
+    p.add_argument("--frames", default=",".join(FRAMES), help="comma-separated frame types for the training table")
+    p.add_argument("--out", default="runs/perf", help="folder for perf.json")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, --quick 3)")
+    p.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference (slow)")
+    p.add_argument("--no-omp-check", action="store_true", help="skip the OMP_WAIT_POLICY=active comparison")
+    p.add_argument("--worker", choices=("memory", "omp-active"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+
+    if args.worker == "memory":
+        print(json.dumps(bench_memory_and_scaling(args.repeats)))
+        return 0
+    if args.worker == "omp-active":
+        print(json.dumps(bench_omp_policy(sample_graphs(64 * args.repeats), args.repeats)))
+        return 0
+
+    frames = [f.strip() for f in args.frames.split(",") if f.strip()]
+    unknown = [f for f in frames if f not in FRAMES]
+    if unknown:
+        p.error(f"unknown frame(s) {unknown}; choose from {', '.join(FRAMES)}")
+    t_start = time.perf_counter()
+    perf: Dict[str, Any] = {"machine": machine_info(args.threads), "quick": args.quick, "repeats": args.repeats}
+    print("graph construction ...", flush=True)
+    perf.update(bench_graph_build(100 if args.quick else 300))
+    graphs = sample_graphs(max(256, 64 * args.repeats))
+    print("memory and supercell scaling (subprocess) ...", flush=True)
+    perf.update(_worker("memory", args))
+    print("training ...", flush=True)
+    perf["train_crystals_per_s"] = bench_training(graphs, frames, args.repeats)
+    if "max" in frames and "none" in frames:
+        perf["max_over_none"] = perf["train_crystals_per_s"]["none"] / perf["train_crystals_per_s"]["max"]
+    print("inference ...", flush=True)
+    perf.update(bench_inference(graphs, "max", n_single=30 if args.quick else 60, repeats=args.repeats))
+    if not args.no_reference:
+        print("plain PyTorch reference ...", flush=True)
+        perf.update(bench_reference(graphs, args.repeats))
+        perf["speedup_vs_reference"] = perf["reference_speedup"].get("max")
+    if not args.no_omp_check:
+        print("OMP_WAIT_POLICY=active (subprocess) ...", flush=True)
+        perf["omp_active"] = _worker("omp-active", args)
+    perf["targets"] = check_targets(perf)
+    perf["seconds"] = time.perf_counter() - t_start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
+    print()
+    print(format_report(perf))
+    print(f"\nwritten {out / 'perf.json'} ({perf['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
