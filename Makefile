@@ -4,7 +4,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
-export OMP_WAIT_POLICY ?= passive
 
 .PHONY: setup run test clean
 

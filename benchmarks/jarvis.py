@@ -12,20 +12,16 @@ Exit status: 0 ok, 2 bad options or missing data (one message, no traceback), 13
 """
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-# Before torch/DGL load their OpenMP runtimes (see dgl_crystalframer/_dgl.py): with the default
-# wait policy, training was 3x and batch-1 inference 50x slower on 2 cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
-
-from dgl_crystalframer.training import (  # noqa: E402
+# first import of torch goes through dgl_crystalframer, which sets the OpenMP policy (_openmp.py)
+from dgl_crystalframer.training import (
     FRAMES, TRAIN_PRESETS, ConfigError, TrainConfig, default_out_dir, read_config_file, train_and_evaluate)
 
 # --------------------------------------------------------------------------------------------

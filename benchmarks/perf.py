@@ -15,14 +15,15 @@ explicitly, warm-up excluded, medians of repeats.  Prints a table and writes OUT
   log-log slope of time against the number of edges (1 = linear);
 - the plain-PyTorch reference (benchmarks/reference.py) on the same batches: speed ratio and
   the largest relative difference of the outputs (must be <= 1e-5);
-- the OpenMP wait policy: the same training and batch-1 inference in a subprocess with
-  OMP_WAIT_POLICY=active (torch's and DGL's OpenMP runtimes then spin against each other).
+- the OpenMP wait policy: training and batch-1 inference in subprocesses with
+  OMP_WAIT_POLICY=passive and =active, next to the default that dgl_crystalframer picks
+  (dgl_crystalframer/_openmp.py; the machine section of perf.json says which).
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch/DGL load (see dgl_crystalframer/_dgl.py)
+import dgl_crystalframer  # noqa: F401  first, so that it sets the OpenMP wait policy before torch loads
 
 import argparse  # noqa: E402
 import gzip  # noqa: E402
@@ -209,7 +210,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def bench_memory_and_scaling(repeats: int, frame: str = "max", n_scaling: int = 8) -> Dict[str, Any]:
+def bench_memory_and_scaling(repeats: int, frame: str = "max", n_scaling: int = 32) -> Dict[str, Any]:
     """Run in a fresh process: peak RSS of training steps at batch 64, and supercell scaling."""
     graphs = sample_graphs(64)
     step = train_step_fn(make_model(frame), train_batches(graphs, 64, 1))
@@ -241,7 +242,7 @@ def bench_memory_and_scaling(repeats: int, frame: str = "max", n_scaling: int = 
 
 
 def bench_omp_policy(graphs, repeats: int, frame: str = "max") -> Dict[str, float]:
-    """Training and batch-1 inference speed under this process's OMP_WAIT_POLICY."""
+    """Training and batch-1 inference speed under this process's OpenMP settings."""
     step = train_step_fn(make_model(frame), train_batches(graphs, 64, repeats))
     res = {"train_crystals_per_s": 64 / median_time(step, repeats)}
     res.update(bench_inference(graphs, frame, n_single=20, repeats=1, batch=64))
@@ -253,16 +254,19 @@ def bench_omp_policy(graphs, repeats: int, frame: str = "max") -> Dict[str, floa
 
 
 def machine_info(threads: int) -> Dict[str, Any]:
+    from dgl_crystalframer import _openmp
+
     return {"cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__, "dgl": dgl.__version__,
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "platform": platform.platform()}
+            "openmp": _openmp.setting, "platform": platform.platform()}
 
 
 def _worker(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     """Run one measurement in a subprocess (fresh memory, or another OpenMP setting)."""
     env = dict(os.environ)
-    if kind == "omp-active":
-        env["OMP_WAIT_POLICY"] = "active"
+    if kind.startswith("omp-"):
+        env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+        env["OMP_WAIT_POLICY"] = kind[len("omp-"):]
     cmd = [sys.executable, "-m", "benchmarks.perf", "--worker", kind, "--threads", str(args.threads),
            "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -299,7 +303,7 @@ def check_targets(perf: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 def format_report(perf: Dict[str, Any]) -> str:
     m = perf["machine"]
     lines = [f"dgl_crystalframer performance: {m['cores']} cores, {m['torch_threads']} torch threads, "
-             f"torch {m['torch']}, dgl {m['dgl']}, OMP_WAIT_POLICY={m['omp_wait_policy']}",
+             f"torch {m['torch']}, dgl {m['dgl']}, OpenMP: {m['openmp']}",
              "default model: 4 layers, d=128, 8 heads, D=64; embedded MP sample "
              f"({perf['atoms_per_crystal']:.1f} atoms and {perf['edges_per_atom']:.1f} edges per atom at the default cutoff)",
              "", f"{'measurement':44s} {'value':>12s}"]
@@ -318,10 +322,11 @@ def format_report(perf: Dict[str, Any]) -> str:
         row(f"  outputs agree to (relative), frame {frame}", perf["reference_max_rel_diff"][frame], "{:.1e}")
     if perf.get("max_over_none") is not None:
         row("cost of frame max / frame none", perf["max_over_none"], "{:.2f}")
-    omp = perf.get("omp_active")
-    if omp:
-        row("OMP_WAIT_POLICY=active: training, frame max", omp["train_crystals_per_s"])
-        row("OMP_WAIT_POLICY=active: inference batch 1 (ms)", omp["infer_ms_batch1"], "{:.2f}")
+    for policy in ("passive", "active"):
+        omp = perf.get(f"omp_{policy}")
+        if omp:
+            row(f"OMP_WAIT_POLICY={policy}: training, frame max", omp["train_crystals_per_s"])
+            row(f"OMP_WAIT_POLICY={policy}: inference batch 1 (ms)", omp["infer_ms_batch1"], "{:.2f}")
     lines += ["", "targets (2 CPU cores, frame max):"]
     for key, t in perf["targets"].items():
         state = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
@@ -338,8 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, --quick 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference (slow)")
-    p.add_argument("--no-omp-check", action="store_true", help="skip the OMP_WAIT_POLICY=active comparison")
-    p.add_argument("--worker", choices=("memory", "omp-active"), help=argparse.SUPPRESS)
+    p.add_argument("--no-omp-check", action="store_true", help="skip the OMP_WAIT_POLICY=passive/active comparison")
+    p.add_argument("--worker", choices=("memory", "omp-passive", "omp-active"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -347,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker == "memory":
         print(json.dumps(bench_memory_and_scaling(args.repeats)))
         return 0
-    if args.worker == "omp-active":
+    if args.worker in ("omp-passive", "omp-active"):
         print(json.dumps(bench_omp_policy(sample_graphs(64 * args.repeats), args.repeats)))
         return 0
 
@@ -373,8 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         perf.update(bench_reference(graphs, args.repeats))
         perf["speedup_vs_reference"] = perf["reference_speedup"].get("max")
     if not args.no_omp_check:
-        print("OMP_WAIT_POLICY=active (subprocess) ...", flush=True)
-        perf["omp_active"] = _worker("omp-active", args)
+        for policy in ("passive", "active"):
+            print(f"OMP_WAIT_POLICY={policy} (subprocess) ...", flush=True)
+            perf[f"omp_{policy}"] = _worker(f"omp-{policy}", args)
     perf["targets"] = check_targets(perf)
     perf["seconds"] = time.perf_counter() - t_start
     out = Path(args.out)

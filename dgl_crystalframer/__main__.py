@@ -5,16 +5,9 @@
 """
 from __future__ import annotations
 
-import os
-
-# Before torch/DGL load their OpenMP runtimes: with the default (active) wait policy the two
-# runtimes' spinning threads fight over the cores (3x slower training, 50x slower batch-1
-# inference measured on 2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from typing import List, Optional  # noqa: E402
+import argparse
+import sys
+from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:

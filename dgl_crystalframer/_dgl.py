@@ -17,11 +17,10 @@ import os
 import sys
 import types
 
-# DGL and torch each bring an OpenMP runtime; with the default (active) wait policy their
-# spinning threads fight over the cores (measured: 3x slower training, 50x slower batch-1
-# inference on 2 cores).  Only effective if set before the runtimes load; entry points set it
-# earlier, this is the fallback for library users.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+from . import _openmp
+
+# Must happen before torch and DGL load OpenMP: see _openmp.py (a wrong policy cost 2x-50x).
+_openmp.configure()
 
 import torch  # noqa: E402
 

@@ -100,7 +100,7 @@ class CrystalFramer(nn.Module):
                            "build graphs with dgl_crystalframer.build_graph")
         x = self.embedding(graph.ndata[self.species_key].to(self.embedding.weight.dtype))
         rvec = graph.edata[self.rvec_key].to(x.dtype)
-        geometry = edge_geometry(rvec, self.num_dist_basis, self.dist_basis_rmax)  # shared by all layers
+        geometry = edge_geometry(graph, rvec, self.num_dist_basis, self.dist_basis_rmax)  # shared by all layers
         for block in self.blocks:
             x = block(graph, x, geometry)
         return x

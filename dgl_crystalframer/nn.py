@@ -27,18 +27,25 @@ class EdgeGeometry(NamedTuple):
     rhat: torch.Tensor  # [E, 3] r / |r| (0 for the self image)
     candidate: torch.Tensor  # [E] bool, not the self image
     dist_basis: torch.Tensor  # [E, K] b_dist(|r|)
+    dst: torch.Tensor  # [E] destination atom of each edge
+    block: object  # DGL block edge -> destination atom, for the fused per-atom sums
+    order: Optional[torch.Tensor]  # [E] edges sorted by destination, None if they already are
 
 
-def edge_geometry(rvec: torch.Tensor, num_dist_basis: int = B.DIST_BASIS_SIZE,
+def edge_geometry(graph, rvec: torch.Tensor, num_dist_basis: int = B.DIST_BASIS_SIZE,
                   dist_basis_rmax: float = B.DIST_BASIS_RMAX) -> EdgeGeometry:
-    """Compute what depends only on the displacement vectors, once per batch (no gradient:
-    the bases are functions of the geometry, which is an input)."""
+    """Compute what depends only on the graph and the displacement vectors, once per batch (no
+    gradient: the bases are functions of the geometry, which is an input)."""
     rvec = rvec.detach()
     dist2 = (rvec * rvec).sum(-1)
     candidate = dist2 > CANDIDATE_MIN_D2
     dist = dist2.sqrt()
     rhat = torch.where(candidate.unsqueeze(-1), rvec / dist.clamp_min(1e-12).unsqueeze(-1), torch.zeros_like(rvec))
-    return EdgeGeometry(dist2, rhat, candidate, B.gaussian_distance_basis(dist, num_dist_basis, dist_basis_rmax))
+    dst = graph.edges()[1]
+    unsorted = bool((dst[1:] < dst[:-1]).any())  # the angular histogram chunks need edges grouped by atom
+    return EdgeGeometry(dist2, rhat, candidate, B.gaussian_distance_basis(dist, num_dist_basis, dist_basis_rmax),
+                        dst, edge_to_node_block(dst, graph.num_nodes()),
+                        torch.argsort(dst, stable=True) if unsorted else None)
 
 
 class _DistAggregate(torch.autograd.Function):
@@ -262,7 +269,7 @@ class CrystalFramerConv(nn.Module):
         if feat.shape != (graph.num_nodes(), self.in_feats):
             raise ValueError(f"feat must be [num_nodes={graph.num_nodes()}, in_feats={self.in_feats}], got {tuple(feat.shape)}")
         if geometry is None:
-            geometry = edge_geometry(rvec.to(feat.dtype), self.num_dist_basis, self.dist_basis_rmax)
+            geometry = edge_geometry(graph, rvec.to(feat.dtype), self.num_dist_basis, self.dist_basis_rmax)
         N, H, dh = feat.shape[0], self.num_heads, self.head_dim
         q = self.fc_q(feat).view(N, H, dh)
         k = self.fc_k(feat).view(N, H, dh)
@@ -287,23 +294,22 @@ class CrystalFramerConv(nn.Module):
     def forward(self, graph, feat: torch.Tensor, rvec: Optional[torch.Tensor] = None,
                 get_attention: bool = False, geometry: Optional[EdgeGeometry] = None):
         """feat: [N, d]; rvec: [E, 3] or None (read ``graph.edata[rvec_key]``); geometry: shared
-        per-batch edge quantities (``edge_geometry(rvec)``), computed here when not given."""
+        per-batch edge quantities (``edge_geometry(graph, rvec)``), computed here when not given."""
         with graph.local_scope():
             geometry, v, weights, frames, tied = self._attention(graph, feat, rvec, geometry)
             N, H, dh = v.shape
             w = weights.unsqueeze(-1)
             y = dglops.u_mul_e_sum(graph, v, w)  # [N, H, dh]
-            dst = graph.edges()[1]
-            agg_dist = _DistAggregate.apply(edge_to_node_block(dst, N), geometry.dist_basis, weights)  # [N, H, K]
+            dst = geometry.dst
+            agg_dist = _DistAggregate.apply(geometry.block, geometry.dist_basis, weights)  # [N, H, K]
             w0 = self.dist_proj.view(H, dh, self.num_dist_basis)
             y = y + self.c_dist * torch.einsum("nhk,hdk->nhd", agg_dist, w0)
 
             if frames is not None:
                 cos = torch.einsum("ehkc,ec->ehk", frames[dst], geometry.rhat)  # [E, H, 3], 0 for self
                 w_ang = weights * geometry.candidate.unsqueeze(-1)  # the self image has no direction
-                if bool((dst[1:] < dst[:-1]).any()):  # the histogram chunks need edges grouped by atom
-                    order = torch.argsort(dst, stable=True)
-                    dst, cos, w_ang = dst[order], cos[order], w_ang[order]
+                if geometry.order is not None:
+                    dst, cos, w_ang = dst[geometry.order], cos[geometry.order], w_ang[geometry.order]
                 agg_ang = _AngularAggregate.apply(dst, N, cos, w_ang, self.angle_table, self.angle_step,
                                                   self.hist_budget)
                 # tied frame choices differ at most by the sign of the e3 cosines (frames.py):

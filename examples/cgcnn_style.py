@@ -27,14 +27,16 @@ import json
 import time
 from importlib import resources
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from pymatgen.core import Lattice, Structure
-from torch import nn
-
-from dgl_crystalframer._dgl import dgl  # the package's DGL import (never `import dgl` directly)
+# dgl_crystalframer first: it picks the OpenMP wait policy before torch loads, and imports DGL
+# (with its shim for torch versions DGL ships no graphbolt library for)
+from dgl_crystalframer._dgl import dgl
 from dgl_crystalframer.nn import CrystalFramerConv
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from pymatgen.core import Lattice, Structure  # noqa: E402
+from torch import nn  # noqa: E402
 
 fn = dgl.function
 

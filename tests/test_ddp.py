@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""
     import os, sys, json
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     sys.path.insert(0, {tests!r})
     from pathlib import Path
     import torch

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np
 import pytest

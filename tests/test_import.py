@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_fresh_import_and_dgl_kernels():
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120)
@@ -55,3 +56,28 @@ def test_cuda_request_without_gpu_explains_fix():
     assert "CUDA" in msg and "dgl" in msg.lower() and "--device cpu" in msg
     assert resolve_device("auto").type == "cpu"
     assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("libs,env,expect", [
+    (["libgomp.so.1"], {}, {"GOMP_SPINCOUNT": "10000"}),  # one runtime shared with DGL: brief spinning
+    (["libgomp-a34b3233.so.1"], {}, {"OMP_WAIT_POLICY": "passive"}),  # two runtimes would fight
+    (["libiomp5.so"], {}, {"OMP_WAIT_POLICY": "passive"}),
+    ([], {}, {"OMP_WAIT_POLICY": "passive"}),  # cannot tell: the safe choice
+    (["libgomp.so.1"], {"OMP_WAIT_POLICY": "active"}, {"OMP_WAIT_POLICY": "active"}),  # the user's choice stays
+    (["libgomp-a34b3233.so.1"], {"KMP_BLOCKTIME": "0"}, {"KMP_BLOCKTIME": "0"}),
+    (["libgomp.so.1"], {"OMP_WAIT_POLICY": " "}, {"GOMP_SPINCOUNT": "10000"}),  # empty counts as unset
+])
+def test_openmp_wait_policy_choice(monkeypatch, libs, env, expect):
+    from dgl_crystalframer import _openmp
+
+    for key in _openmp.USER_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(_openmp, "torch_openmp_libraries", lambda: libs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _openmp.configure()
+    assert {k: os.environ[k] for k in _openmp.USER_KEYS if k in os.environ} == expect
+    # torch is imported already here: only a passive policy we could not apply deserves a warning
+    assert any("too late" in str(w.message) for w in caught) == (expect == {"OMP_WAIT_POLICY": "passive"} and not env)

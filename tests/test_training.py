@@ -220,7 +220,6 @@ def test_resume_refuses_a_different_config(small_data, tmp_path):
 
 RESUME_SCRIPT = textwrap.dedent("""
     import os, sys, time, json
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     sys.path.insert(0, {tests!r})
     from test_training import tiny_config
     from pathlib import Path
