@@ -138,7 +138,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                     "Without arguments: the embedded Materials Project sample (formation energy, official split "
                     "membership), frame max, preset quick (about 10 minutes on 2 CPU cores).",
         epilog="Precedence: TrainConfig defaults < preset < --config FILE < command-line flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     p.add_argument("--dataset", help="dft_3d_2021, megnet, megnet_sample, or a path to your own dataset (CSV, folder "
                                      "with id_prop.csv, JSON/JSON.zip) [default: megnet_sample]")
     p.add_argument("--target", help="target key, e.g. e_form, gap_pbe, formation_energy_peratom, mbj_bandgap "

@@ -77,10 +77,13 @@ def test_paper_preset_follows_spec():
 
 
 def test_explicit_fields_override_presets():
-    c = TrainConfig(preset="quick", epochs=7, num_layers=3, batch_size=5).resolved()
+    c = TrainConfig(preset="smoke", epochs=7, num_layers=3, batch_size=5).resolved()
     assert (c.epochs, c.num_layers, c.batch_size) == (7, 3, 5)
-    assert c.dim is not None and c.max_train is not None  # the rest from the preset
+    assert c.dim == 32 and c.max_train == 48  # the rest from the preset
     assert c.swa_epochs == 1  # 10% of 7, at least 1
+    q = TrainConfig(preset="quick").resolved()  # the paper's model, all training crystals
+    assert (q.epochs, q.batch_size, q.swa_epochs) == (10, 64, 2) and q.model_kwargs() == {"frame": "max"}
+    assert q.max_train is None
     s = TrainConfig(preset="smoke").resolved()
     assert s.epochs <= 3 and s.num_layers == 1
     with pytest.raises(ConfigError, match="frame"):
