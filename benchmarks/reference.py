@@ -32,13 +32,16 @@ def _segment_max(values: torch.Tensor, dst: torch.Tensor, n: int, fill: float) -
     return out.scatter_reduce(0, dst.view(-1, *[1] * (values.dim() - 1)).expand_as(values), values, "amax")
 
 
-def _segment_argmax(score, valid, dst, n):
-    """Lowest edge index among the near-best valid edges per (node, head), as frames.py."""
+def _segment_argmax(score, valid, dst, n, tie_breakers=()):
+    """Near-best valid edges per (node, head), narrowed by the tie breakers, then the lowest
+    edge index, as frames.py."""
     E = score.shape[0]
     neg = torch.finfo(score.dtype).min
-    s = torch.where(valid, score, torch.full_like(score, neg))
-    best = _segment_max(s, dst, n, neg)[dst]
-    near = valid & (s >= best - TIE_TOL * (1.0 + best.abs()))
+    near = valid
+    for values in (score, *tie_breakers):
+        s = torch.where(near, values, torch.full_like(values, neg))
+        best = _segment_max(s, dst, n, neg)[dst]
+        near = near & (s >= best - TIE_TOL * (1.0 + best.abs()))
     index = torch.where(near, torch.arange(E).unsqueeze(-1).expand_as(s), torch.full_like(s, E, dtype=torch.long))
     first = torch.full((n, s.shape[1]), E, dtype=torch.long).scatter_reduce(0, dst.unsqueeze(-1).expand_as(index), index, "amin")
     tied = torch.zeros(n, s.shape[1]).index_add_(0, dst, near.float()) > 1.5
@@ -46,14 +49,16 @@ def _segment_argmax(score, valid, dst, n):
 
 
 @torch.no_grad()
-def max_frames(logits, rhat, candidate, dst, n):
+def max_frames(logits, weights, rhat, candidate, dst, n):
     H = logits.shape[1]
     valid = candidate.unsqueeze(-1).expand(-1, H)
     i1, found1, tied1 = _segment_argmax(logits, valid, dst, n)
     e1 = torch.where(found1.unsqueeze(-1), rhat[i1], rhat.new_tensor([1.0, 0.0, 0.0]).expand(n, H, 3))
     cos1 = (rhat.unsqueeze(1) * e1[dst]).sum(-1)
     valid2 = valid & (cos1.abs() < COLLINEAR_COS)
-    i2, found2, tied2 = _segment_argmax(logits + torch.log((1.0 - cos1.abs()).clamp_min(1e-5)), valid2, dst, n)
+    mean_dir = torch.zeros(n, H, 3).index_add_(0, dst, (weights * candidate.unsqueeze(-1)).unsqueeze(-1) * rhat.unsqueeze(1))
+    turn = (torch.cross(e1[dst], rhat.unsqueeze(1).expand(-1, H, -1), dim=-1) * mean_dir[dst]).sum(-1)
+    i2, found2, tied2 = _segment_argmax(logits + torch.log((1.0 - cos1.abs()).clamp_min(1e-5)), valid2, dst, n, (turn,))
     r2 = rhat[i2]
     e2 = torch.where(found2.unsqueeze(-1), _unit(r2 - (r2 * e1).sum(-1, keepdim=True) * e1), _perpendicular(e1))
     return torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=2), tied1 | (tied2 & found2)
@@ -82,7 +87,7 @@ def attention_layer(conv, x: torch.Tensor, g: Dict[str, torch.Tensor]) -> torch.
     if conv.frame == "max":
         candidate = d2 > CANDIDATE_MIN_D2
         rhat = torch.where(candidate.unsqueeze(-1), rvec / d2.sqrt().clamp_min(1e-12).unsqueeze(-1), torch.zeros_like(rvec))
-        frames, tied = max_frames(logits.detach(), rhat, candidate, dst, N)
+        frames, tied = max_frames(logits.detach(), w.detach(), rhat, candidate, dst, N)
         cos = torch.einsum("ehkc,ec->ehk", frames[dst], rhat)
         b_ang = B.gaussian_angle_basis(cos, conv.num_angle_basis, conv.angle_basis_width)  # [E, H, 3, D]
         w_ang = (w * candidate.unsqueeze(-1))[:, :, None, None]

@@ -27,14 +27,20 @@ Frame types:
 * ``none``: no frame (plain Crystalformer); ``compute_frames`` returns None.
 
 Candidates are all incoming edges except the self image (|r|^2 > 1e-5).  Ties (symmetric
-crystals) are broken deterministically: among candidates within ``tie_tol`` of the best score,
-the edge with the lowest index wins.  Edge order comes from integer image offsets, so the choice
-does not change under rotation, but it does under a change of atom order or cell.  Tied
-candidates of a symmetric crystal are related by a site symmetry g.  If g is a rotation, both
-choices give identical features.  If g is improper (a mirror, or a rotoinversion, of a site
-without inversion), the two frames are (e1, e2, e3) and (g e1, g e2, -g e3): the e1 and e2
-features agree and the e3 cosines change sign.  So the layer symmetrises the e3 angular features
-over c -> -c wherever ``tied`` is set, and every tie-break then gives the same result.
+crystals) are broken by invariant rules first (``static_local``: the full logit; e2 of ``max``
+and ``static_local``: the turning sense about the weighted mean direction, see
+``_max_style_frames``), then by the lowest edge index, which depends on atom order and cell.
+Candidates still tied then are related by a site symmetry g.  If g is a rotation, both choices
+give identical features.  If g is improper (a mirror, or a rotoinversion, of a site without
+inversion), the two frames are (e1, e2, e3) and (g e1, g e2, -g e3): the e1 and e2 features
+agree and the e3 cosines change sign.  The same holds for PCA axes whose sign no moment fixes
+(``_orient``).  So the layer symmetrises the e3 angular features over c -> -c wherever ``tied``
+is set, and every tie-break then gives the same result.
+
+Known gap: ``lattice`` breaks ties between equally short lattice vectors in spglib's primitive
+basis, and spglib may pick another (equivalent) basis for a rotated copy or a supercell; where
+such vectors are not related by a symmetry of the crystal (pseudo-symmetric metrics), the frame
+then differs (seen on 2 of 40 sample crystals, see ``python -m benchmarks.invariance``).
 """
 from __future__ import annotations
 
@@ -79,25 +85,24 @@ def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
     return _unit(torch.cross(e1, axis, dim=-1))
 
 
-def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, secondary=None, tie_tol: float = TIE_TOL):
+def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, tie_breakers=(), tie_tol: float = TIE_TOL):
     """For each destination node and head, the index of the incoming edge with the largest score.
 
-    score, valid: [E, H].  Returns (index [N, H] long, found [N, H] bool, tied [N, H] bool).
-    Among edges within ``tie_tol`` of the maximum the lowest edge index wins; ``tied`` says that
-    there was more than one.
+    score, valid and each tie breaker: [E, H].  Returns (index [N, H] long, found [N, H] bool,
+    tied [N, H] bool).  Edges within ``tie_tol`` of the maximum are narrowed down by maximising
+    each tie breaker in turn; among those still tied the lowest edge index wins, and ``tied``
+    says that this last, order-dependent rule was needed.
     """
     E = score.shape[0]
     neg = torch.finfo(score.dtype).min
-    s = torch.where(valid, score, torch.full_like(score, neg))
-    best = dglops.copy_e_max(graph, s)  # [N, H]
     dst = graph.edges()[1]
-    near = valid & (s >= best[dst] - tie_tol * (1.0 + best[dst].abs()))
-    if secondary is not None:
-        s2 = torch.where(near, secondary, torch.full_like(secondary, neg))
-        best2 = dglops.copy_e_max(graph, s2)
-        near = near & (s2 >= best2[dst] - tie_tol * (1.0 + best2[dst].abs()))
+    near = valid
+    for values in (score, *tie_breakers):
+        s = torch.where(near, values, torch.full_like(values, neg))
+        best = dglops.copy_e_max(graph, s)[dst]  # [E, H]: the best of each edge's destination
+        near = near & (s >= best - tie_tol * (1.0 + best.abs()))
     # lowest edge index among the near-best: maximise (E - index); float64 keeps indices exact
-    rank = (E - torch.arange(E, device=score.device, dtype=torch.float64)).unsqueeze(-1).expand_as(s)
+    rank = (E - torch.arange(E, device=score.device, dtype=torch.float64)).unsqueeze(-1).expand_as(score)
     rank = torch.where(near, rank, torch.zeros_like(rank))
     top = dglops.copy_e_max(graph, rank)  # [N, H], 0 where no valid candidate
     found = top > 0
@@ -106,14 +111,22 @@ def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, secondary=N
     return index, found, tied
 
 
-def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, secondary=None):
+def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor,
+                      secondary=None):
     """Shared by ``max`` and ``static_local``: pick e1, then e2 by score + log(1 - |cos|); ties
     in ``score`` are broken by ``secondary`` (same shape) when given.
+
+    e2 ties need one more, geometric, rule.  Around a 3-fold axis, say, the neighbours a, b, c
+    give six tied (e1, e2) pairs in two classes of opposite handedness ((a, b) ~ (b, c) ~ (c, a)
+    and (a, c) ~ ...); without a mirror in the site symmetry the two classes give different
+    features, and the edge index would pick the class by atom order.  So among tied e2 candidates
+    the one turning counter-clockwise about m, the attention-weighted mean direction (a
+    rotation-covariant vector that site symmetries fix), wins: maximise (e1 x r) . m.
     Returns (frames [N, H, 3, 3], tied [N, H])."""
     H = score.shape[1]
     dst = graph.edges()[1]
     valid = candidate.unsqueeze(-1).expand(-1, H)
-    i1, found1, tied1 = _segment_argmax(graph, score, valid, secondary)
+    i1, found1, tied1 = _segment_argmax(graph, score, valid, () if secondary is None else (secondary,))
     e1 = rhat[i1]  # [N, H, 3]
     # no candidate at all (isolated atom): there is no angular term to orient, any axis will do
     e1 = torch.where(found1.unsqueeze(-1), e1, e1.new_tensor([1.0, 0.0, 0.0]).expand_as(e1))
@@ -121,7 +134,10 @@ def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate:
     cos1 = (rhat.unsqueeze(1) * e1[dst]).sum(-1)  # [E, H]
     valid2 = valid & (cos1.abs() < COLLINEAR_COS)
     penalty = torch.log((1.0 - cos1.abs()).clamp_min(1e-5))
-    i2, found2, tied2 = _segment_argmax(graph, score + penalty, valid2, None if secondary is None else secondary + penalty)
+    mean_dir = dglops.copy_e_sum(graph, (weights * candidate.unsqueeze(-1)).unsqueeze(-1) * rhat.unsqueeze(1))
+    turn = (torch.cross(e1[dst], rhat.unsqueeze(1).expand(-1, H, -1), dim=-1) * mean_dir[dst]).sum(-1)
+    breakers = (turn,) if secondary is None else (secondary + penalty, turn)
+    i2, found2, tied2 = _segment_argmax(graph, score + penalty, valid2, breakers)
     r2 = rhat[i2]
     e2 = _unit(r2 - (r2 * e1).sum(-1, keepdim=True) * e1)
     e2 = torch.where(found2.unsqueeze(-1), e2, _perpendicular(e1))
@@ -129,31 +145,37 @@ def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate:
     return torch.stack([e1, e2, e3], dim=2), tied1 | (tied2 & found2)
 
 
-def max_frames(graph, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor):
-    """``max`` frame from this layer's attention logits [E, H]."""
-    return _max_style_frames(graph, logits, rhat, candidate)
+def max_frames(graph, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor):
+    """``max`` frame from this layer's attention logits (and weights, for ties) [E, H]."""
+    return _max_style_frames(graph, logits, rhat, candidate, weights)
 
 
 def static_local_frames(graph, dist_logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
-                        logits: torch.Tensor):
+                        logits: torch.Tensor, weights: torch.Tensor):
     """``static_local`` frame: the ``max`` rule on the distance term -|r|^2/(2 sigma^2) alone.
     Equidistant neighbours of different species are common (Heusler, rocksalt second shells) and
     not symmetry-related, so distance ties are broken by the full attention logit, which sees
     species: the choice then does not depend on atom order."""
-    return _max_style_frames(graph, dist_logits, rhat, candidate, secondary=logits)
+    return _max_style_frames(graph, dist_logits, rhat, candidate, weights, secondary=logits)
 
 
-def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
-    """Flip each axis so that its first moment (or, when that vanishes, third moment) is positive."""
+def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: float = 1e-4):
+    """Flip each axis so that its first moment (or, when that vanishes, third moment) is positive.
+
+    Returns (axes, ambiguous [..., 3]): where both moments vanish the sign is arbitrary.  That
+    happens when a site symmetry reverses the axis; the axis' own features are then the same
+    either way and only the handedness of e3 can differ, which the layer symmetrises (``tied``).
+    """
+    ambiguous = (first.abs() <= tol) & (third.abs() <= tol)
     sign = torch.where(first.abs() > tol, first.sign(), third.sign())
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return axes * sign.unsqueeze(-1)
+    sign = torch.where(ambiguous | (sign == 0), torch.ones_like(sign), sign)
+    return axes * sign.unsqueeze(-1), ambiguous
 
 
 def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
                         logits: torch.Tensor, eig_tol: float = 1e-3):
     """``weighted_pca`` frame from the attention weights [E, H] of this layer.
-    Returns (frames, tied) where tied marks the max-frame fallback's ties."""
+    Returns (frames, tied) where tied marks axes of arbitrary sign and the max-frame fallback's ties."""
     N, dst = graph.num_nodes(), graph.edges()[1]
     E, H = weights.shape
     block = edge_to_node_block(dst, N)
@@ -169,7 +191,7 @@ def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candid
     first = (axes * mean_dir.unsqueeze(2)).sum(-1)  # [N, H, 3]
     proj = (axes[dst] * rhat[:, None, None, :]).sum(-1)  # [E, H, 3]
     third = weighted_edge_sum(block, proj.pow(3), w)
-    axes = _orient(axes, first, third)
+    axes, ambiguous = _orient(axes, first, third)
     e1, e2 = axes[:, :, 0], axes[:, :, 1]
     frames = torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=2)
 
@@ -177,25 +199,26 @@ def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candid
     scale = evals[..., 0].clamp_min(1e-12)
     gaps = torch.stack([evals[..., 0] - evals[..., 1], evals[..., 1] - evals[..., 2]], -1) / scale.unsqueeze(-1)
     degenerate = (gaps < eig_tol).any(-1) | (evals[..., 0] < 1e-8)
-    tied = torch.zeros_like(degenerate)
+    tied = ambiguous[..., :2].any(-1)
     if degenerate.any():
-        fallback, fallback_tied = max_frames(graph, logits, rhat, candidate)
+        fallback, fallback_tied = max_frames(graph, logits, rhat, candidate, weights)
         frames = torch.where(degenerate[..., None, None], fallback, frames)
-        tied = degenerate & fallback_tied
+        tied = torch.where(degenerate, fallback_tied, tied)
     return frames, tied
 
 
 def _per_node(graph, per_graph: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, 3, 3] per structure -> [N, H, 3, 3] per atom and head (a view, no copy over heads)."""
+    """[B, ...] per structure -> [N, H, ...] per atom and head (a view, no copy over heads)."""
     seg = torch.repeat_interleave(torch.arange(graph.batch_size, device=per_graph.device), graph.batch_num_nodes())
-    return per_graph[seg].unsqueeze(1).expand(-1, num_heads, -1, -1)
+    return per_graph[seg].unsqueeze(1).expand(-1, num_heads, *per_graph.shape[1:])
 
 
-def pca_frames(graph, num_heads: int, pos_key: str = "pos", eig_tol: float = 1e-3) -> torch.Tensor:
+def pca_frames(graph, num_heads: int, pos_key: str = "pos", eig_tol: float = 1e-3):
     """``pca`` frame: principal axes of the unit-cell positions of each structure, oriented by
     their third moments.  Not cell-choice invariant, by construction (the paper's baseline).
     Where the spread is degenerate (one atom, collinear or coplanar-isotropic positions, cubic
-    arrangements) the axes are arbitrary, so the ``lattice`` frame is used instead."""
+    arrangements) the axes are arbitrary, so the ``lattice`` frame is used instead.
+    Returns (frames [N, H, 3, 3], tied [N, H]: an axis of arbitrary sign)."""
     if pos_key not in graph.ndata:
         raise KeyError(f"the 'pca' frame needs Cartesian positions in graph.ndata[{pos_key!r}]")
     pos = graph.ndata[pos_key].double()
@@ -209,15 +232,17 @@ def pca_frames(graph, num_heads: int, pos_key: str = "pos", eig_tol: float = 1e-
     evals, axes = evals.flip(-1), evecs.flip(-1).transpose(-1, -2)  # rows, largest first
     proj = (axes[seg] * x.unsqueeze(1)).sum(-1)  # [N, 3]
     third = torch.zeros(B, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, proj.pow(3))
-    axes = _orient(axes, torch.zeros_like(third), third, tol=0.0)
+    size = torch.zeros(B, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, proj.abs().pow(3))
+    axes, ambiguous = _orient(axes, torch.zeros_like(third), third / size.clamp_min(1e-12), tol=1e-5)
     e1, e2 = axes[:, 0], axes[:, 1]
     frames = torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=1)
     scale = evals[:, 0].clamp_min(1e-12)
     gaps = torch.stack([evals[:, 0] - evals[:, 1], evals[:, 1] - evals[:, 2]], -1) / scale.unsqueeze(-1)
     degenerate = (gaps < eig_tol).any(-1) | (evals[:, 0] < 1e-8)
+    tied = ambiguous[:, :2].any(-1) & ~degenerate
     if degenerate.any():
         frames = torch.where(degenerate[:, None, None], _lattice_axes(graph), frames)
-    return _per_node(graph, frames, num_heads)
+    return _per_node(graph, frames, num_heads), _per_node(graph, tied, num_heads)
 
 
 _OFFSETS = torch.stack(torch.meshgrid(*[torch.arange(-3, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -279,14 +304,15 @@ def compute_frames(kind: str, graph, rhat: torch.Tensor, candidate: torch.Tensor
     if kind == "none":
         return None, None
     if kind == "max":
-        return max_frames(graph, logits, rhat, candidate)
+        return max_frames(graph, logits, rhat, candidate, weights)
     if kind == "static_local":
-        return static_local_frames(graph, dist_logits, rhat, candidate, logits)
+        return static_local_frames(graph, dist_logits, rhat, candidate, logits, weights)
     if kind == "weighted_pca":
         return weighted_pca_frames(graph, weights, rhat, candidate, logits)
-    untied = torch.zeros(graph.num_nodes(), H, dtype=torch.bool, device=rhat.device)
     if kind == "pca":
-        return pca_frames(graph, H).to(rhat.dtype), untied
+        frames, tied = pca_frames(graph, H)
+        return frames.to(rhat.dtype), tied
+    untied = torch.zeros(graph.num_nodes(), H, dtype=torch.bool, device=rhat.device)
     if kind == "lattice":
         return lattice_frames(graph, H).to(rhat.dtype), untied
     check_frame_type(kind)

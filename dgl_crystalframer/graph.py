@@ -337,6 +337,9 @@ def primitive_lattice(lattice: np.ndarray, cart: np.ndarray, species: np.ndarray
 def _spglib_primitive(lattice: np.ndarray, frac: np.ndarray, types: np.ndarray, symprec: float) -> Optional[np.ndarray]:
     import warnings
 
+    # spglib's C code prints notes like "spglib: ssm_get_exact_positions failed." on stderr for
+    # cells it cannot standardise; we handle that ourselves (fallback below), so keep them quiet
+    os.environ.setdefault("SPGLIB_WARNING", "OFF")
     import spglib
 
     cell = (lattice, frac, types.astype(np.int32) + 1)

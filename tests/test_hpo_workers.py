@@ -1,10 +1,11 @@
 """Many workers, one study: two `python -m hpo` processes share a study; one is SIGKILLed mid-trial.
 
 The survivor must mark the dead worker's RUNNING trial FAIL (heartbeat + grace period), re-run its
-parameters, and finish the study-wide trial budget. Runs on a real PostgreSQL server (started here
-with initdb + pg_ctl on 127.0.0.1, as the `postgres` user when we are root; or the server in
-$HPO_TEST_POSTGRES_URL) and on SQLite. Trials use the fast fake trainer through the documented
-HPO_TRAINER hook, so the test is about storage and workers, not model speed.
+parameters, and finish the study-wide trial budget. On a real PostgreSQL server (the one in
+$HPO_TEST_POSTGRES_URL, which .ci/run starts, or one started here with initdb + pg_ctl on
+127.0.0.1) the trials are real: dgl_crystalframer training (smoke preset, a tiny model on 40 real
+MP crystals). On SQLite they use the fast fake trainer of the documented HPO_TRAINER hook, so that
+variant is about storage and workers only.
 """
 import importlib.util
 import os
@@ -54,19 +55,28 @@ def postgres_url():
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
-def storage_url(request, tmp_path):
+def setup(request, tmp_path):
+    """(storage URL, extra `python -m hpo` arguments, extra environment) of one test variant."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/hpo.db"
-    return request.getfixturevalue("postgres_url")
+        return (f"sqlite:///{tmp_path}/hpo.db", ["--dataset", "megnet_sample", "--epochs", "4"],
+                {"HPO_TRAINER": "hpo.fake:train", "HPO_FAKE_EPOCH_SECONDS": "0.25"})
+    from dgl_crystalframer.data import load_dataset
+    from test_training import write_small_dataset
+
+    data = write_small_dataset(tmp_path / "small.json")
+    cache = tmp_path / "cache"
+    load_dataset(str(data), "e_form", cache_dir=str(cache), progress=False)  # build the graphs once
+    args = ["--dataset", str(data), "--preset", "smoke", "--epochs", "6", "--layers", "1",
+            "--set", f"cache_dir={cache}", "--set", "threads=1"]
+    return request.getfixturevalue("postgres_url"), args, {}
 
 
-def _worker(study, url, out, log_path):
-    env = dict(os.environ, HPO_TRAINER="hpo.fake:train", HPO_FAKE_EPOCH_SECONDS="0.25",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "hpo", "--study", study, "--dataset", "megnet_sample",
-           "--target", "e_form", "--n-trials", str(N_TRIALS), "--storage", url, "--out", str(out),
-           "--epochs", "4", "--pruner", "none", "--heartbeat-interval", "1",
-           "--grace-period", str(GRACE)]
+def _worker(study, url, out, log_path, args, env_extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPO_")}
+    env.update(env_extra, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "hpo", "--study", study, "--target", "e_form", "--n-trials", str(N_TRIALS),
+           "--storage", url, "--out", str(out), "--pruner", "none", "--heartbeat-interval", "1",
+           "--grace-period", str(GRACE), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
@@ -82,14 +92,15 @@ def _running_trial_of(storage, study_name, pid):
     return None
 
 
-def test_killed_worker_trial_is_failed_and_retried(storage_url, tmp_path):
+def test_killed_worker_trial_is_failed_and_retried(setup, tmp_path):
+    storage_url, args, env = setup
     study_name = f"kill-{uuid.uuid4().hex[:8]}"
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    survivor = _worker(study_name, storage_url, tmp_path, logs[0])
-    victim = _worker(study_name, storage_url, tmp_path, logs[1])
+    survivor = _worker(study_name, storage_url, tmp_path, logs[0], args, env)
+    victim = _worker(study_name, storage_url, tmp_path, logs[1], args, env)
     storage = optuna.storages.RDBStorage(normalize_url(storage_url))
     try:
-        deadline = time.time() + 45
+        deadline = time.time() + 90
         killed = None
         while killed is None:
             assert time.time() < deadline, "victim never started a trial:\n" + logs[1].read_text()
@@ -99,7 +110,7 @@ def test_killed_worker_trial_is_failed_and_retried(storage_url, tmp_path):
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
         t_kill = time.time()
-        rc = survivor.wait(timeout=60)
+        rc = survivor.wait(timeout=180)
     finally:
         for p in (survivor, victim):
             if p.poll() is None:
@@ -123,3 +134,6 @@ def test_killed_worker_trial_is_failed_and_retried(storage_url, tmp_path):
     assert [t for t in trials if t.state == TrialState.FAIL] == [dead]
     assert f"trial {killed.number} FAIL" in survivor_log and "heartbeat" in survivor_log
     assert f"[retry of trial {killed.number}]" in survivor_log
+    if "HPO_TRAINER" not in env:  # real training: every finished trial has a real result
+        for t in done:
+            assert t.user_attrs["result"]["n_train"] == 40 and t.user_attrs["result"]["params"] > 0
