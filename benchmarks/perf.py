@@ -141,14 +141,19 @@ def bench_graph_build(n: int) -> Dict[str, float]:
             "edges_per_atom": edges / atoms, "atoms_per_crystal": atoms / len(arrays), "graph_build_n": len(arrays)}
 
 
-def bench_training(graphs, frames: Sequence[str], repeats: int, batch_size: int = 64) -> Dict[str, float]:
+def bench_training(graphs, frames: Sequence[str], repeats: int, batch_size: int = 64):
+    """({frame: crystals/s}, {frame: peak RSS above the RSS before the steps, MB}) at ``batch_size``."""
     batches = train_batches(graphs, batch_size, repeats)
-    out = {}
+    speed, memory = {}, {}
     for frame in frames:
         step = train_step_fn(make_model(frame), batches)
-        out[frame] = batch_size / median_time(step, repeats)
-        print(f"  training, frame {frame:13s} {out[frame]:7.1f} crystals/s", flush=True)
-    return out
+        step()
+        before = _rss_mb("VmRSS")
+        _reset_peak_rss()
+        speed[frame] = batch_size / median_time(step, repeats, warmup=0)
+        memory[frame] = _rss_mb("VmHWM") - before
+        print(f"  training, frame {frame:13s} {speed[frame]:7.1f} crystals/s, peak +{memory[frame]:.0f} MB", flush=True)
+    return speed, memory
 
 
 @torch.no_grad()
@@ -311,12 +316,17 @@ def format_report(perf: Dict[str, Any]) -> str:
     row("graph construction (crystals/s)", perf["graph_build_crystals_per_s"])
     for frame, v in perf["train_crystals_per_s"].items():
         row(f"training, batch 64, frame {frame} (crystals/s)", v)
+    for frame, v in perf["train_peak_extra_mb"].items():
+        row(f"  peak memory of the steps, frame {frame} (+MB)", v, "{:.0f}")
     row("inference, batch 1 (ms/crystal)", perf["infer_ms_batch1"], "{:.2f}")
     row(f"inference, batch {perf['infer_batch']} (ms/crystal)", perf["infer_ms_batched"], "{:.2f}")
     row("peak RSS, training at batch 64 (MB)", perf.get("peak_rss_mb"), "{:.0f}")
     for r in perf.get("scaling", []):
         row(f"scaling {r['factor']}x supercells: {r['edges']} edges (s/step)", r["step_seconds"], "{:.3f}")
     row("scaling slope, log time vs log edges", perf.get("scaling_slope"), "{:.2f}")
+    if perf.get("scaling"):
+        big = perf["scaling"][-1]
+        row("peak extra memory per edge, largest scale (B)", 1e6 * big["peak_extra_mb"] / big["edges"], "{:.0f}")
     for frame, v in perf.get("reference_speedup", {}).items():
         row(f"speed-up vs plain PyTorch, frame {frame}", v, "{:.1f}x")
         row(f"  outputs agree to (relative), frame {frame}", perf["reference_max_rel_diff"][frame], "{:.1e}")
@@ -368,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("memory and supercell scaling (subprocess) ...", flush=True)
     perf.update(_worker("memory", args))
     print("training ...", flush=True)
-    perf["train_crystals_per_s"] = bench_training(graphs, frames, args.repeats)
+    perf["train_crystals_per_s"], perf["train_peak_extra_mb"] = bench_training(graphs, frames, args.repeats)
     if "max" in frames and "none" in frames:
         perf["max_over_none"] = perf["train_crystals_per_s"]["none"] / perf["train_crystals_per_s"]["max"]
     print("inference ...", flush=True)

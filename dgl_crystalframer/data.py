@@ -58,7 +58,7 @@ from .graph import StructureError, build_graph
 logger = logging.getLogger(__name__)
 
 # Bump when the graph content for the same input changes (graph.py may define its own too).
-GRAPH_FORMAT_VERSION = 1
+GRAPH_FORMAT_VERSION = 2  # 2: ndata lattice_frame / lattice_tied
 CACHE_ENV = "DGL_CRYSTALFRAMER_CACHE"
 OFFLINE_ENV = "DGL_CRYSTALFRAMER_OFFLINE"  # "1": never try to download (jarvis sources fail fast)
 CHUNK_SIZE = 1000  # graphs per cache file: an interrupted build keeps every finished chunk

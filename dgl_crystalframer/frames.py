@@ -37,10 +37,11 @@ agree and the e3 cosines change sign.  The same holds for PCA axes whose sign no
 (``_orient``).  So the layer symmetrises the e3 angular features over c -> -c wherever ``tied``
 is set, and every tie-break then gives the same result.
 
-Known gap: ``lattice`` breaks ties between equally short lattice vectors in spglib's primitive
-basis, and spglib may pick another (equivalent) basis for a rotated copy or a supercell; where
-such vectors are not related by a symmetry of the crystal (pseudo-symmetric metrics), the frame
-then differs (seen on 2 of 40 sample crystals, see ``python -m benchmarks.invariance``).
+Known gap: ``lattice`` ties between equally short lattice vectors are broken by low-order
+moments of the structure's edges (``lattice_axes``); these separate most candidates that only
+the lattice, not the crystal, makes equivalent, but not all: on 1 of 40 sample crystals
+(LiTaO3, R3c, given as a 1x2x2 supercell) the prediction changes by 1.2e-4 relative
+(``python -m benchmarks.invariance``).
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ from ._dgl import dgl, dglops
 
 FRAME_TYPES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
 CANDIDATE_MIN_D2 = 1e-5  # |r|^2 below this is the self image
+# Axes whose angular features the layer symmetrises over c -> -c where ``tied`` is set (module
+# doc); e3 unless listed.  The lattice frame is global, not orthogonal and made right-handed by
+# flipping all three axes, so a tie between candidates related by an improper symmetry can
+# reverse every axis: all three are symmetrised there.
+SYMMETRISED_AXES = {"lattice": (0, 1, 2)}
 COLLINEAR_COS = 0.9999
 TIE_TOL = 1e-4
 
@@ -239,9 +245,11 @@ def pca_frames(graph, num_heads: int, pos_key: str = "pos", eig_tol: float = 1e-
     scale = evals[:, 0].clamp_min(1e-12)
     gaps = torch.stack([evals[:, 0] - evals[:, 1], evals[:, 1] - evals[:, 2]], -1) / scale.unsqueeze(-1)
     degenerate = (gaps < eig_tol).any(-1) | (evals[:, 0] < 1e-8)
-    tied = ambiguous[:, :2].any(-1) & ~degenerate
+    tied = ambiguous[:, :2].any(-1)
     if degenerate.any():
-        frames = torch.where(degenerate[:, None, None], _lattice_axes(graph), frames)
+        lattice, lattice_tied = _lattice_axes(graph)
+        frames = torch.where(degenerate[:, None, None], lattice, frames)
+        tied = torch.where(degenerate, lattice_tied, tied)
     return _per_node(graph, frames, num_heads), _per_node(graph, tied, num_heads)
 
 
@@ -251,43 +259,86 @@ _OFFSETS = _OFFSETS[_OFFSETS.abs().sum(-1) > 0]
 _OFFSETS = _OFFSETS[torch.argsort(_OFFSETS.abs().sum(-1) * 1000 + _OFFSETS.abs().amax(-1), stable=True)]
 
 
-def _first_within(length: torch.Tensor, valid: torch.Tensor, tol: float = TIE_TOL) -> torch.Tensor:
-    """Index of the shortest valid vector per row, ties (within tol relative) to the lowest index."""
-    inf = torch.full_like(length, float("inf"))
-    lv = torch.where(valid, length, inf)
-    best = lv.min(-1, keepdim=True).values
-    near = valid & (lv <= best * (1 + tol))
-    idx = torch.arange(length.shape[-1], device=length.device).expand_as(length)
-    return torch.where(near, idx, torch.full_like(idx, length.shape[-1])).min(-1).values
+def _first_within(length: torch.Tensor, valid: torch.Tensor, tie_breakers=(), tol: float = TIE_TOL):
+    """(index, tied) of the shortest valid vector: ties (within ``tol`` relative) are narrowed down
+    by maximising each tie breaker [M] in turn, then go to the lowest index (``tied``)."""
+    lv = torch.where(valid, length, torch.full_like(length, float("inf")))
+    near = valid & (lv <= lv.min() * (1 + tol))
+    for values in tie_breakers:
+        v = torch.where(near, values, torch.full_like(values, -float("inf")))
+        best = v.max()
+        near = near & (v >= best - 1e-9 * (1.0 + best.abs()))
+    index = int(torch.nonzero(near)[0])
+    return index, int(near.sum()) > 1
 
 
-def _lattice_axes(graph) -> torch.Tensor:
-    """[B, 3, 3] float64 lattice frame per structure (see ``lattice_frames``)."""
+def lattice_axes(lattice: torch.Tensor, rvec=None, weight=None):
+    """The ``lattice`` frame of one structure: (axes [3, 3] float64, rows e1 e2 e3; tied bool).
+
+    lattice: [3, 3] rows, a primitive basis (any).  Equally short lattice vectors are common
+    (cubic, hexagonal, tetragonal cells), and the basis a symmetry finder returns can differ
+    between a structure, its rotated copy and its supercells.  So ties are broken by moments of
+    the structure's own edges (rvec [E, 3], weight [E]): sum_e w_e (rhat_e . u)^p, p = 1..4, and,
+    for e2 and e3, moments mixed with the axes already chosen and the turning sense about the
+    weighted mean direction.  These are the same for candidates related by a symmetry of the
+    crystal and generically differ otherwise, so the choice does not depend on the cell or its
+    orientation.  Without rvec (a user's graph) ties go to the lowest index in the given basis.
+    ``tied`` says that the index was needed (symmetry-related candidates, see the module doc).
+    """
+    lattice = lattice.double()
+    vecs = _OFFSETS.to(lattice.device, lattice.dtype) @ lattice  # [M, 3]
+    length = vecs.norm(dim=-1)
+    unit = vecs / length.unsqueeze(-1)
+    if rvec is not None:
+        rvec, weight = rvec.double(), weight.double()
+        d = rvec.norm(dim=-1)
+        keep = d > CANDIDATE_MIN_D2 ** 0.5
+        rhat, w = rvec[keep] / d[keep].unsqueeze(-1), weight[keep] / weight[keep].sum().clamp_min(1e-300)
+        proj = rhat @ unit.T  # [E, M]
+        mean_dir = w @ rhat
+        base = [w @ proj.pow(p) for p in (1, 2, 3, 4)]
+
+    def breakers(*chosen):
+        if rvec is None:
+            return ()
+        out = list(base)
+        for axis in chosen:
+            pa = rhat @ axis
+            out += [(w * pa) @ proj, (w * pa) @ proj.pow(2), (w * pa.pow(2)) @ proj,
+                    torch.cross(axis.expand_as(unit), unit, dim=-1) @ mean_dir]
+        return out
+
+    eps = 1e-6
+    i1, tied1 = _first_within(length, torch.ones_like(length, dtype=torch.bool), breakers())
+    e1 = unit[i1]
+    c1 = unit @ e1
+    i2, tied2 = _first_within(length, (c1.abs() < 1 - eps) & (c1 >= -eps), breakers(e1))
+    e2 = unit[i2]
+    coplanar = (unit @ _unit(torch.cross(e1, e2, dim=-1))).abs() < eps
+    i3, tied3 = _first_within(length, ~coplanar & (c1 >= -eps), breakers(e1, e2))
+    axes = torch.stack([e1, e2, unit[i3]])
+    return (-axes if torch.linalg.det(axes) < 0 else axes), tied1 or tied2 or tied3
+
+
+def _lattice_axes(graph):
+    """([B, 3, 3] float64 lattice frame, [B] tied) per structure of a batch: the ones graph.py
+    stored (``ndata["lattice_frame"]``), else from the lattice alone (see ``lattice_axes``)."""
+    counts = graph.batch_num_nodes()
+    first = torch.cumsum(counts, 0) - counts  # first node of each graph
+    if "lattice_frame" in graph.ndata:
+        return graph.ndata["lattice_frame"][first].double(), graph.ndata["lattice_tied"][first].bool()
     key = "prim_lattice" if "prim_lattice" in graph.ndata else "lattice"
     if key not in graph.ndata:
         raise KeyError("the 'lattice' frame needs graph.ndata['lattice'] (rows = lattice vectors)")
-    counts = graph.batch_num_nodes()
-    lat = graph.ndata[key][torch.cumsum(counts, 0) - counts].double()  # first node of each graph
-    vecs = torch.einsum("mk,bkc->bmc", _OFFSETS.to(lat.device, lat.dtype), lat)  # [B, M, 3]
-    length = vecs.norm(dim=-1)
-    unit = vecs / length.unsqueeze(-1)
-    rows = torch.arange(lat.shape[0], device=lat.device)
-    eps = 1e-6
-
-    e1 = unit[rows, _first_within(length, torch.ones_like(length, dtype=torch.bool))]
-    c1 = (unit * e1.unsqueeze(1)).sum(-1)
-    e2 = unit[rows, _first_within(length, (c1.abs() < 1 - eps) & (c1 >= -eps))]
-    normal = _unit(torch.cross(e1, e2, dim=-1))
-    coplanar = (unit * normal.unsqueeze(1)).sum(-1).abs() < eps
-    e3 = unit[rows, _first_within(length, ~coplanar & (c1 >= -eps))]
-    frames = torch.stack([e1, e2, e3], dim=1)
-    left = torch.linalg.det(frames) < 0
-    return torch.where(left[:, None, None], -frames, frames)
+    frames, tied = zip(*(lattice_axes(lat) for lat in graph.ndata[key][first]))
+    return torch.stack(frames), torch.tensor(tied, device=graph.device)
 
 
-def lattice_frames(graph, num_heads: int) -> torch.Tensor:
-    """``lattice`` frame: unit vectors of short primitive lattice vectors (not orthogonalised)."""
-    return _per_node(graph, _lattice_axes(graph), num_heads)
+def lattice_frames(graph, num_heads: int):
+    """``lattice`` frame: unit vectors of short primitive lattice vectors (not orthogonalised).
+    Returns (frames [N, H, 3, 3], tied [N, H])."""
+    frames, tied = _lattice_axes(graph)
+    return _per_node(graph, frames, num_heads), _per_node(graph, tied, num_heads)
 
 
 @torch.no_grad()
@@ -312,7 +363,7 @@ def compute_frames(kind: str, graph, rhat: torch.Tensor, candidate: torch.Tensor
     if kind == "pca":
         frames, tied = pca_frames(graph, H)
         return frames.to(rhat.dtype), tied
-    untied = torch.zeros(graph.num_nodes(), H, dtype=torch.bool, device=rhat.device)
     if kind == "lattice":
-        return lattice_frames(graph, H).to(rhat.dtype), untied
+        frames, tied = lattice_frames(graph, H)
+        return frames.to(rhat.dtype), tied
     check_frame_type(kind)

@@ -26,6 +26,7 @@ import torch
 
 from ._dgl import dgl
 from .basis import default_cutoff
+from .frames import lattice_axes
 
 NUM_SPECIES = 98  # Z = 1..98, column Z-1 of the one-hot
 MIN_DISTANCE = 0.1  # Angstrom: closer atoms (or images) are treated as a broken structure
@@ -371,7 +372,8 @@ def graph_from_arrays(arrays: CrystalArrays, cutoff: Optional[float] = None, ent
     """Build the periodic multigraph of docs/ARCHITECTURE.md from ``CrystalArrays``.
 
     ndata: species f32 [N, 98], Z i64 [N], pos f32 [N, 3], lattice f32 [N, 3, 3],
-    prim_lattice f32 [N, 3, 3].  edata: rvec f32 [E, 3], image i32 [E, 3].
+    prim_lattice f32 [N, 3, 3], lattice_frame f32 [N, 3, 3], lattice_tied bool [N].
+    edata: rvec f32 [E, 3], image i32 [E, 3].
     Edges (j, n) -> i for |r_ij(n)| <= cutoff (default ``basis.default_cutoff()``), sorted by
     (dst, src, image).
     """
@@ -397,6 +399,12 @@ def graph_from_arrays(arrays: CrystalArrays, cutoff: Optional[float] = None, ent
     g.ndata["pos"] = torch.tensor(arrays.cart, dtype=torch.float32)
     g.ndata["lattice"] = torch.tensor(arrays.lattice, dtype=torch.float32).expand(n, 3, 3).contiguous()
     g.ndata["prim_lattice"] = torch.tensor(prim, dtype=torch.float32).expand(n, 3, 3).contiguous()
+    # the static lattice frame, with ties between equally short lattice vectors broken by this
+    # structure's own edges (species-weighted, asymmetric in source and destination)
+    z = arrays.species @ np.arange(1, NUM_SPECIES + 1, dtype=np.float64)
+    frame, tied = lattice_axes(torch.from_numpy(prim), torch.from_numpy(rvec), torch.from_numpy(z[dst] + 0.5 ** 0.5 * z[src]))
+    g.ndata["lattice_frame"] = frame.float().expand(n, 3, 3).contiguous()
+    g.ndata["lattice_tied"] = torch.tensor(tied).expand(n).contiguous()
     g.edata["rvec"] = torch.from_numpy(rvec).float()
     g.edata["image"] = torch.from_numpy(image.astype(np.int32))
     return g

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import basis as B
 from ._dgl import dglops, edge_softmax
-from .frames import CANDIDATE_MIN_D2, check_frame_type, compute_frames, edge_to_node_block
+from .frames import CANDIDATE_MIN_D2, SYMMETRISED_AXES, check_frame_type, compute_frames, edge_to_node_block
 
 
 class EdgeGeometry(NamedTuple):
@@ -312,11 +312,12 @@ class CrystalFramerConv(nn.Module):
                     dst, cos, w_ang = dst[geometry.order], cos[geometry.order], w_ang[geometry.order]
                 agg_ang = _AngularAggregate.apply(dst, N, cos, w_ang, self.angle_table, self.angle_step,
                                                   self.hist_budget)
-                # tied frame choices differ at most by the sign of the e3 cosines (frames.py):
+                # tied frame choices differ at most by the signs of some cosines (frames.py):
                 # symmetrise there; the basis centres are symmetric, so b(-c) is b(c) reversed
-                e3 = agg_ang[:, :, 2]
-                e3 = torch.where(tied.unsqueeze(-1), 0.5 * (e3 + e3.flip(-1)), e3)
-                agg_ang = torch.cat([agg_ang[:, :, :2], e3.unsqueeze(2)], dim=2)
+                axes = torch.zeros(3, dtype=torch.bool, device=tied.device)
+                axes[list(SYMMETRISED_AXES.get(self.frame, (2,)))] = True
+                mask = (tied.unsqueeze(-1) & axes).unsqueeze(-1)  # [N, H, 3, 1]
+                agg_ang = torch.where(mask, 0.5 * (agg_ang + agg_ang.flip(-1)), agg_ang)
                 wk = self.angle_proj.view(3, H, dh, self.num_angle_basis)
                 y = y + self.c_angl * torch.einsum("nhkm,khdm->nhd", agg_ang, wk)
 

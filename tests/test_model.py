@@ -147,6 +147,18 @@ def test_invariance_on_hard_symmetric_sites(frame):
                     f"{frame}: rotation {seed}")
 
 
+def test_lattice_frame_does_not_depend_on_the_basis_spglib_returns():
+    """VCu3O4 (I-42m) and Sc6Te2Os (P-62m): spglib returns other primitive bases for a rotated copy
+    or a supercell, with equally short vectors that the crystal's symmetry does not relate."""
+    hard = sample_by_id("mp-510657", "mp-11754")
+    model = initialised("lattice")
+    base = predict(model, hard)
+    for seed in range(1, 5):
+        assert_same(base, predict(model, [rotated(s, random_rotation(seed), np.zeros(3)) for s in hard]), f"rotation {seed}")
+    for scale in ((2, 1, 1), (1, 2, 2), (2, 2, 1)):
+        assert_same(base, predict(model, [supercell(s, scale) for s in hard]), f"supercell {scale}")
+
+
 @pytest.mark.parametrize("frame", INVARIANT_FRAMES)
 def test_cell_choice_invariance(frame):
     """Sums run over all periodic images, so the cell must not matter: supercells and atoms
