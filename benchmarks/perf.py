@@ -10,7 +10,7 @@ explicitly, warm-up excluded, medians of repeats.  Prints a table and writes OUT
 - graph construction: crystals/s and edges per atom (default cutoff);
 - training: crystals/s of forward + backward + AdamW step at batch 64, per frame type;
 - inference: ms per crystal at batch 1 and at batch 256 (frame max);
-- peak RSS of a training process during steps at batch 64 (frame max, a fresh subprocess);
+- peak RSS of a training process at batch 64, per frame type (one fresh subprocess each);
 - scaling: one training step on the same crystals as 1x, 2x, 4x, 8x supercells, and the
   log-log slope of time against the number of edges (1 = linear);
 - the plain-PyTorch reference (benchmarks/reference.py) on the same batches: speed ratio and
@@ -141,19 +141,14 @@ def bench_graph_build(n: int) -> Dict[str, float]:
             "edges_per_atom": edges / atoms, "atoms_per_crystal": atoms / len(arrays), "graph_build_n": len(arrays)}
 
 
-def bench_training(graphs, frames: Sequence[str], repeats: int, batch_size: int = 64):
-    """({frame: crystals/s}, {frame: peak RSS above the RSS before the steps, MB}) at ``batch_size``."""
+def bench_training(graphs, frames: Sequence[str], repeats: int, batch_size: int = 64) -> Dict[str, float]:
     batches = train_batches(graphs, batch_size, repeats)
-    speed, memory = {}, {}
+    out = {}
     for frame in frames:
         step = train_step_fn(make_model(frame), batches)
-        step()
-        before = _rss_mb("VmRSS")
-        _reset_peak_rss()
-        speed[frame] = batch_size / median_time(step, repeats, warmup=0)
-        memory[frame] = _rss_mb("VmHWM") - before
-        print(f"  training, frame {frame:13s} {speed[frame]:7.1f} crystals/s, peak +{memory[frame]:.0f} MB", flush=True)
-    return speed, memory
+        out[frame] = batch_size / median_time(step, repeats)
+        print(f"  training, frame {frame:13s} {out[frame]:7.1f} crystals/s", flush=True)
+    return out
 
 
 @torch.no_grad()
@@ -215,17 +210,21 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def bench_memory_and_scaling(repeats: int, frame: str = "max", n_scaling: int = 32) -> Dict[str, Any]:
-    """Run in a fresh process: peak RSS of training steps at batch 64, and supercell scaling."""
+def bench_peak_rss(frame: str, repeats: int) -> Dict[str, float]:
+    """Run in a fresh process: peak RSS while training at batch 64 (first step included)."""
     graphs = sample_graphs(64)
     step = train_step_fn(make_model(frame), train_batches(graphs, 64, 1))
-    step()
     before = _rss_mb("VmRSS")
     can_reset = _reset_peak_rss()
     for _ in range(max(2, repeats)):
         step()
-    out: Dict[str, Any] = {"peak_rss_mb": _rss_mb("VmHWM") if can_reset else float("nan"), "rss_before_steps_mb": before}
+    peak = _rss_mb("VmHWM") if can_reset else float("nan")
+    return {"peak_rss_mb": peak, "peak_extra_mb": peak - before}
 
+
+def bench_scaling(repeats: int, frame: str = "max", n_scaling: int = 32) -> Dict[str, Any]:
+    """Run in a fresh process: one training step on the same crystals as 1x .. 8x supercells."""
+    out: Dict[str, Any] = {}
     base = sample_arrays(n_scaling)
     rows = []
     for factor, reps in ((1, (1, 1, 1)), (2, (2, 1, 1)), (4, (2, 2, 1)), (8, (2, 2, 2))):
@@ -316,11 +315,10 @@ def format_report(perf: Dict[str, Any]) -> str:
     row("graph construction (crystals/s)", perf["graph_build_crystals_per_s"])
     for frame, v in perf["train_crystals_per_s"].items():
         row(f"training, batch 64, frame {frame} (crystals/s)", v)
-    for frame, v in perf["train_peak_extra_mb"].items():
-        row(f"  peak memory of the steps, frame {frame} (+MB)", v, "{:.0f}")
+    for frame, v in perf["train_peak_rss_mb"].items():
+        row(f"  peak RSS training, frame {frame} (MB, +steps)", f"{v['peak_rss_mb']:.0f} (+{v['peak_extra_mb']:.0f})", "{}")
     row("inference, batch 1 (ms/crystal)", perf["infer_ms_batch1"], "{:.2f}")
     row(f"inference, batch {perf['infer_batch']} (ms/crystal)", perf["infer_ms_batched"], "{:.2f}")
-    row("peak RSS, training at batch 64 (MB)", perf.get("peak_rss_mb"), "{:.0f}")
     for r in perf.get("scaling", []):
         row(f"scaling {r['factor']}x supercells: {r['edges']} edges (s/step)", r["step_seconds"], "{:.3f}")
     row("scaling slope, log time vs log edges", perf.get("scaling_slope"), "{:.2f}")
@@ -354,13 +352,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, --quick 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference (slow)")
     p.add_argument("--no-omp-check", action="store_true", help="skip the OMP_WAIT_POLICY=passive/active comparison")
-    p.add_argument("--worker", choices=("memory", "omp-passive", "omp-active"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # scaling | memory-<frame> | omp-passive | omp-active
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
 
-    if args.worker == "memory":
-        print(json.dumps(bench_memory_and_scaling(args.repeats)))
+    if args.worker == "scaling":
+        print(json.dumps(bench_scaling(args.repeats)))
+        return 0
+    if args.worker and args.worker.startswith("memory-"):
+        print(json.dumps(bench_peak_rss(args.worker[len("memory-"):], args.repeats)))
         return 0
     if args.worker in ("omp-passive", "omp-active"):
         print(json.dumps(bench_omp_policy(sample_graphs(64 * args.repeats), args.repeats)))
@@ -375,10 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("graph construction ...", flush=True)
     perf.update(bench_graph_build(100 if args.quick else 300))
     graphs = sample_graphs(max(256, 64 * args.repeats))
-    print("memory and supercell scaling (subprocess) ...", flush=True)
-    perf.update(_worker("memory", args))
+    print("supercell scaling (subprocess) ...", flush=True)
+    perf.update(_worker("scaling", args))
     print("training ...", flush=True)
-    perf["train_crystals_per_s"], perf["train_peak_extra_mb"] = bench_training(graphs, frames, args.repeats)
+    perf["train_crystals_per_s"] = bench_training(graphs, frames, args.repeats)
+    print("peak memory, one fresh process per frame type ...", flush=True)
+    perf["train_peak_rss_mb"] = {frame: _worker(f"memory-{frame}", args) for frame in frames}
+    perf["peak_rss_mb"] = perf["train_peak_rss_mb"].get("max", {}).get("peak_rss_mb")
     if "max" in frames and "none" in frames:
         perf["max_over_none"] = perf["train_crystals_per_s"]["none"] / perf["train_crystals_per_s"]["max"]
     print("inference ...", flush=True)

@@ -259,17 +259,19 @@ _OFFSETS = _OFFSETS[_OFFSETS.abs().sum(-1) > 0]
 _OFFSETS = _OFFSETS[torch.argsort(_OFFSETS.abs().sum(-1) * 1000 + _OFFSETS.abs().amax(-1), stable=True)]
 
 
-def _first_within(length: torch.Tensor, valid: torch.Tensor, tie_breakers=(), tol: float = TIE_TOL):
-    """(index, tied) of the shortest valid vector: ties (within ``tol`` relative) are narrowed down
-    by maximising each tie breaker [M] in turn, then go to the lowest index (``tied``)."""
+def _first_within(length: torch.Tensor, valid: torch.Tensor, tie_breakers=None, tol: float = TIE_TOL):
+    """(index, tied) of the shortest valid vector.  Ties (within ``tol`` relative) are narrowed
+    down by maximising, in turn, each row of ``tie_breakers(candidates)`` ([K, len(candidates)],
+    computed only for the tied candidates), then go to the lowest index (``tied``)."""
     lv = torch.where(valid, length, torch.full_like(length, float("inf")))
-    near = valid & (lv <= lv.min() * (1 + tol))
-    for values in tie_breakers:
-        v = torch.where(near, values, torch.full_like(values, -float("inf")))
-        best = v.max()
-        near = near & (v >= best - 1e-9 * (1.0 + best.abs()))
-    index = int(torch.nonzero(near)[0])
-    return index, int(near.sum()) > 1
+    candidates = torch.nonzero(valid & (lv <= lv.min() * (1 + tol))).squeeze(-1)
+    if len(candidates) > 1 and tie_breakers is not None:
+        near = torch.ones_like(candidates, dtype=torch.bool)
+        for values in tie_breakers(candidates):
+            v = torch.where(near, values, torch.full_like(values, -float("inf")))
+            near = near & (v >= v.max() - 1e-9 * (1.0 + v.max().abs()))
+        candidates = candidates[near]
+    return int(candidates[0]), len(candidates) > 1
 
 
 def lattice_axes(lattice: torch.Tensor, rvec=None, weight=None):
@@ -289,33 +291,35 @@ def lattice_axes(lattice: torch.Tensor, rvec=None, weight=None):
     vecs = _OFFSETS.to(lattice.device, lattice.dtype) @ lattice  # [M, 3]
     length = vecs.norm(dim=-1)
     unit = vecs / length.unsqueeze(-1)
+    breakers = None
     if rvec is not None:
         rvec, weight = rvec.double(), weight.double()
         d = rvec.norm(dim=-1)
         keep = d > CANDIDATE_MIN_D2 ** 0.5
         rhat, w = rvec[keep] / d[keep].unsqueeze(-1), weight[keep] / weight[keep].sum().clamp_min(1e-300)
-        proj = rhat @ unit.T  # [E, M]
         mean_dir = w @ rhat
-        base = [w @ proj.pow(p) for p in (1, 2, 3, 4)]
 
-    def breakers(*chosen):
-        if rvec is None:
-            return ()
-        out = list(base)
-        for axis in chosen:
-            pa = rhat @ axis
-            out += [(w * pa) @ proj, (w * pa) @ proj.pow(2), (w * pa.pow(2)) @ proj,
-                    torch.cross(axis.expand_as(unit), unit, dim=-1) @ mean_dir]
-        return out
+        def breakers(candidates, *chosen):
+            u = unit[candidates]
+            proj = rhat @ u.T  # [E, K]
+            out = [w @ proj.pow(p) for p in (1, 2, 3, 4)]
+            for axis in chosen:
+                pa = rhat @ axis
+                out += [(w * pa) @ proj, (w * pa) @ proj.pow(2), (w * pa.pow(2)) @ proj,
+                        torch.cross(axis.expand_as(u), u, dim=-1) @ mean_dir]
+            return out
+
+    def tie_breakers(*chosen):
+        return None if breakers is None else (lambda candidates: breakers(candidates, *chosen))
 
     eps = 1e-6
-    i1, tied1 = _first_within(length, torch.ones_like(length, dtype=torch.bool), breakers())
+    i1, tied1 = _first_within(length, torch.ones_like(length, dtype=torch.bool), tie_breakers())
     e1 = unit[i1]
     c1 = unit @ e1
-    i2, tied2 = _first_within(length, (c1.abs() < 1 - eps) & (c1 >= -eps), breakers(e1))
+    i2, tied2 = _first_within(length, (c1.abs() < 1 - eps) & (c1 >= -eps), tie_breakers(e1))
     e2 = unit[i2]
     coplanar = (unit @ _unit(torch.cross(e1, e2, dim=-1))).abs() < eps
-    i3, tied3 = _first_within(length, ~coplanar & (c1 >= -eps), breakers(e1, e2))
+    i3, tied3 = _first_within(length, ~coplanar & (c1 >= -eps), tie_breakers(e1, e2))
     axes = torch.stack([e1, e2, unit[i3]])
     return (-axes if torch.linalg.det(axes) < 0 else axes), tied1 or tied2 or tied3
 
