@@ -222,7 +222,7 @@ def bench_peak_rss(frame: str, repeats: int) -> Dict[str, float]:
     return {"peak_rss_mb": peak, "peak_extra_mb": peak - before}
 
 
-def bench_scaling(repeats: int, frame: str = "max", n_scaling: int = 32) -> Dict[str, Any]:
+def bench_scaling(repeats: int, frame: str = "max", n_scaling: int = 64) -> Dict[str, Any]:
     """Run in a fresh process: one training step on the same crystals as 1x .. 8x supercells."""
     out: Dict[str, Any] = {}
     base = sample_arrays(n_scaling)

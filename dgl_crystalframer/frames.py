@@ -1,8 +1,9 @@
 """Frames of CrystalFramer (SPEC.md 3): per target atom i and head h, three axes e1, e2, e3.
 
-Every function returns a tensor ``[N, H, 3, 3]`` whose rows ``F[i, h, k]`` are the axes e_k, and
-is evaluated without gradient (frames select a coordinate system; gradients still reach sigma
-and the projections through the basis values).  Inputs are per-edge tensors of the periodic
+Every frame function returns ``(frames, tied)``: frames ``[N, H, 3, 3]`` whose rows
+``F[i, h, k]`` are the axes e_k, and tied ``[N, H]`` (see the end of this docstring).  Frames carry
+no gradient (they select a coordinate system; gradients still reach sigma and the projections
+through the basis values).  Inputs are per-edge tensors of the periodic
 multigraph (edge j -> i for every image): ``logits`` / ``weights`` ``[E, H]``, ``rvec`` ``[E, 3]``.
 
 Frame types:
