@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -118,7 +119,9 @@ def _from_file(path: str, entry_id: Optional[str]) -> CrystalArrays:
     from pymatgen.core import Structure
 
     try:
-        structure = Structure.from_file(path)
+        with warnings.catch_warnings():  # pymatgen's notes (e.g. coordinates rounded) would flood stderr
+            warnings.simplefilter("ignore")
+            structure = Structure.from_file(path)
     except Exception as exc:  # pymatgen raises many kinds (ValueError, IndexError, CifParserError...)
         raise StructureError(f"{name}: cannot read a crystal structure from {path!r} ({type(exc).__name__}: {exc})") from exc
     return _from_pymatgen(structure, name)
@@ -336,8 +339,6 @@ def primitive_lattice(lattice: np.ndarray, cart: np.ndarray, species: np.ndarray
 
 
 def _spglib_primitive(lattice: np.ndarray, frac: np.ndarray, types: np.ndarray, symprec: float) -> Optional[np.ndarray]:
-    import warnings
-
     # spglib's C code prints notes like "spglib: ssm_get_exact_positions failed." on stderr for
     # cells it cannot standardise; we handle that ourselves (fallback below), so keep them quiet
     os.environ.setdefault("SPGLIB_WARNING", "OFF")
