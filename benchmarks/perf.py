@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dgl_crystalframer._dgl import dgl  # noqa: E402
-from dgl_crystalframer.data import SAMPLE_PATH, collate, load_dataset  # noqa: E402
+from dgl_crystalframer.data import SAMPLE_PATH, load_dataset  # noqa: E402
 from dgl_crystalframer.graph import CrystalArrays, graph_from_arrays, structure_to_arrays  # noqa: E402
 from dgl_crystalframer.model import CrystalFramer  # noqa: E402
 

@@ -99,7 +99,7 @@ class _AngularAggregate(torch.autograd.Function):
     def backward(ctx, grad_out):
         dst, cos, table = ctx.saved_tensors
         step, chunks = ctx.meta
-        H, D, G = cos.shape[1], table.shape[1], table.shape[0] // 2
+        D, G = table.shape[1], table.shape[0] // 2
         grad_w = cos.new_zeros(cos.shape[:2])
         for n0, n1, e0, e1 in chunks:
             gtab = grad_out[n0:n1].reshape(-1, D) @ table.T  # [rows, 2G]: dL/dhist

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_training import tiny_config, write_small_dataset
+from test_training import write_small_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -123,7 +123,6 @@ def test_pruners_stop_bad_trials(tmp_path, pruner):
             cb(epoch, {"val_mae": (1.0 if bad else 0.1) + 1.0 / epoch, "train_loss": 0.1})
         return {"val_mae": 0.1 + 0.1, "test_mae": 0.2, "latency_ms_per_crystal": 1.0}
 
-    sp = S.narrow(SMALL, {"frame": "max,pca"})
     study = run_sweep(settings(tmp_path, pruner=pruner, pruner_warmup=1, n_trials=12,
                                sampler="random"), Trainer(train))
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
