@@ -42,9 +42,9 @@ def gaussian_distance_basis(dist: torch.Tensor, size: int = DIST_BASIS_SIZE, r_m
 def gaussian_angle_basis(cos: torch.Tensor, size: int = ANGLE_BASIS_SIZE, width: float = ANGLE_BASIS_WIDTH) -> torch.Tensor:
     """b_angl(cos): ``size`` Gaussians on [-1, 1], centres -1 + 2m/(size-1), width ``width`` * 2/(size-1).
 
-    cos: [...] -> [..., size].  This is the hot loop of frame models ([E, H, 3, D] values per
-    layer), so it is written as one allocation and in-place passes: exp(-((c - mu) * a)^2) with
-    a = 1 / (sqrt(2) * width * spacing).
+    cos: [...] -> [..., size], as exp(-((c - mu) * a)^2) with a = 1 / (sqrt(2) * width * spacing).
+    The definition; the layer evaluates it through ``angle_basis_table`` (per-edge values for
+    every head, axis and centre would be the largest tensor of the model).
     """
     a = 1.0 / (math.sqrt(2.0) * width * 2.0 / (size - 1))
     centres = torch.linspace(-a, a, size, device=cos.device, dtype=cos.dtype)
@@ -70,9 +70,9 @@ def angle_basis_table(size: int = ANGLE_BASIS_SIZE, width: float = ANGLE_BASIS_W
     step = sigma / points_per_width
     half = math.ceil(1.0 / step) + 1
     grid = (torch.arange(2 * half + 1, dtype=torch.float64) - half) * step
+    values = gaussian_angle_basis(grid, size, width)
     z = (grid.unsqueeze(-1) - torch.linspace(-1.0, 1.0, size, dtype=torch.float64)) / sigma
-    values = torch.exp(-0.5 * z * z)
-    return torch.cat([values, -z / sigma * step * values]), step
+    return torch.cat([values, -z / sigma * step * values]), step  # d/dc exp(-z^2/2) = -z/sigma * b
 
 
 def hermite_taps(x: torch.Tensor, step: float, num_points: int):

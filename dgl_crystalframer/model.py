@@ -113,10 +113,6 @@ class CrystalFramer(nn.Module):
         return self.head(pooled).squeeze(-1)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def build_model(config: Optional[dict] = None, preset: Optional[str] = None) -> CrystalFramer:
     """Model from a preset name and/or a config dict (config wins)."""
     if preset:

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ._dgl import resolve_device
 from .basis import default_cutoff
+from .model import build_model
 
 FRAMES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
 MODEL_PRESETS = ("crystalformer", "default", "lightweight")
@@ -336,10 +337,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """AdamW groups: decay on weight matrices (ndim >= 2), none on biases and vectors."""
     if hasattr(model, "weight_decay_groups"):
@@ -421,12 +418,6 @@ class SWA:
 # checkpoints
 
 
-def _build_model(model_config: Dict[str, Any]):
-    from .model import CrystalFramer
-
-    return CrystalFramer(**model_config)
-
-
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """Load any checkpoint this module writes (best.pt, swa.pt, last.pt) -> (model in eval mode, meta).
 
@@ -443,7 +434,7 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Tuple[torc
         raise ValueError(f"{path} is not a readable dgl_crystalframer checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a dgl_crystalframer checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    model = _build_model(ckpt["meta"]["model_config"])
+    model = build_model(ckpt["meta"]["model_config"])
     model.load_state_dict(ckpt["model"])
     model.to(resolve_device(str(device)) if isinstance(device, str) else device)
     model.eval()
@@ -572,16 +563,11 @@ class Trainer:
         from .data import collate
 
         self.collate = collate
-        from .model import CrystalFramer
-
-        if cfg.model_preset:
-            model = CrystalFramer.from_preset(cfg.model_preset, **cfg.model_kwargs())
-        else:
-            model = CrystalFramer(**cfg.model_kwargs())
+        model = build_model(cfg.model_kwargs(), cfg.model_preset)
         self.cfg.frame = model.config.get("frame", cfg.frame)
         model.to(self.device)
         self.model = model
-        self.n_params = count_parameters(model)
+        self.n_params = model.num_parameters()
         if self.dist.rank:  # different dropout masks per rank; weights come from rank 0 anyway
             torch.manual_seed(cfg.seed + 1000 * self.dist.rank)
         if self.dist.world > 1:
@@ -809,7 +795,7 @@ class Trainer:
         test_mae = float(np.mean(np.abs(test_pred - test_true)))
         best_test = None
         if self.best_state is not None:
-            best_model = _build_model(self.meta["model_config"]).to(self.device)
+            best_model = build_model(self.meta["model_config"]).to(self.device)
             best_model.load_state_dict(self.best_state)
             best_test = self.evaluate(best_model, self.test_ds)
         train_ids = set(_ids(self.train_ds))
