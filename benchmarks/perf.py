@@ -17,7 +17,9 @@ explicitly, warm-up excluded, medians of repeats.  Prints a table and writes OUT
   the largest relative difference of the outputs (must be <= 1e-5);
 - the OpenMP wait policy: training and batch-1 inference in subprocesses with
   OMP_WAIT_POLICY=passive and =active, next to the default that dgl_crystalframer picks
-  (dgl_crystalframer/_openmp.py; the machine section of perf.json says which).
+  (dgl_crystalframer/_openmp.py; the machine section of perf.json says which);
+- the angular kernels: training with frame max in a subprocess with DGL_CRYSTALFRAMER_KERNELS=torch
+  (torch operations instead of the fused numba kernel, as on GPU or without numba).
 """
 from __future__ import annotations
 
@@ -258,11 +260,12 @@ def bench_omp_policy(graphs, repeats: int, frame: str = "max") -> Dict[str, floa
 
 
 def machine_info(threads: int) -> Dict[str, Any]:
-    from dgl_crystalframer import _openmp
+    from dgl_crystalframer import _openmp, kernels
 
     return {"cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__, "dgl": dgl.__version__,
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "openmp": _openmp.setting, "platform": platform.platform()}
+            "openmp": _openmp.setting, "platform": platform.platform(), "angular_kernels": kernels.BACKEND,
+            "numba": getattr(kernels.numba, "__version__", None)}
 
 
 def _worker(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
@@ -271,6 +274,8 @@ def _worker(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     if kind.startswith("omp-"):
         env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
         env["OMP_WAIT_POLICY"] = kind[len("omp-"):]
+    if kind == "kernels-torch":
+        env["DGL_CRYSTALFRAMER_KERNELS"] = "torch"
     cmd = [sys.executable, "-m", "benchmarks.perf", "--worker", kind, "--threads", str(args.threads),
            "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -307,7 +312,7 @@ def check_targets(perf: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 def format_report(perf: Dict[str, Any]) -> str:
     m = perf["machine"]
     lines = [f"dgl_crystalframer performance: {m['cores']} cores, {m['torch_threads']} torch threads, "
-             f"torch {m['torch']}, dgl {m['dgl']}, OpenMP: {m['openmp']}",
+             f"torch {m['torch']}, dgl {m['dgl']}, OpenMP: {m['openmp']}, angular kernels: {m['angular_kernels']}",
              "default model: 4 layers, d=128, 8 heads, D=64; embedded MP sample "
              f"({perf['atoms_per_crystal']:.1f} atoms and {perf['edges_per_atom']:.1f} edges per atom at the default cutoff)",
              "", f"{'measurement':44s} {'value':>12s}"]
@@ -330,6 +335,8 @@ def format_report(perf: Dict[str, Any]) -> str:
         row(f"  outputs agree to (relative), frame {frame}", perf["reference_max_rel_diff"][frame], "{:.1e}")
     if perf.get("max_over_none") is not None:
         row("cost of frame max / frame none", perf["max_over_none"], "{:.2f}")
+    if perf.get("train_torch_kernels") is not None:
+        row("training, frame max, torch kernels (crystals/s)", perf["train_torch_kernels"])
     for policy in ("passive", "active"):
         omp = perf.get(f"omp_{policy}")
         if omp:
@@ -352,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, --quick 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference (slow)")
     p.add_argument("--no-omp-check", action="store_true", help="skip the OMP_WAIT_POLICY=passive/active comparison")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # scaling | memory-<frame> | omp-passive | omp-active
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # scaling | memory-<frame> | omp-<policy> | kernels-torch
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
@@ -365,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.worker in ("omp-passive", "omp-active"):
         print(json.dumps(bench_omp_policy(sample_graphs(64 * args.repeats), args.repeats)))
+        return 0
+    if args.worker == "kernels-torch":
+        print(json.dumps(bench_training(sample_graphs(64 * args.repeats), ["max"], args.repeats)))
         return 0
 
     frames = [f.strip() for f in args.frames.split(",") if f.strip()]
@@ -391,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("plain PyTorch reference ...", flush=True)
         perf.update(bench_reference(graphs, args.repeats))
         perf["speedup_vs_reference"] = perf["reference_speedup"].get("max")
+    if "max" in frames:
+        print("angular kernels in torch operations (subprocess) ...", flush=True)
+        perf["train_torch_kernels"] = _worker("kernels-torch", args)["max"]
     if not args.no_omp_check:
         for policy in ("passive", "active"):
             print(f"OMP_WAIT_POLICY={policy} (subprocess) ...", flush=True)

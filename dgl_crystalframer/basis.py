@@ -51,41 +51,39 @@ def gaussian_angle_basis(cos: torch.Tensor, size: int = ANGLE_BASIS_SIZE, width:
     return torch.sub((cos * a).unsqueeze(-1), centres).square_().neg_().exp_()
 
 
-# The angular basis is smooth on the scale of its width sigma, so the layer evaluates it by cubic
-# Hermite interpolation between tabulated values and derivatives on a grid of spacing sigma / 16.
-# Interpolation error <= step^4 / 384 * max|b^(4)| = 3 / (16^4 * 384) ~ 1.2e-7 (b <= 1), i.e. at
-# float32 resolution.  This replaces the [E, H, 3, D] evaluation per edge, head and axis by 4
-# weights scattered per edge, head and axis and one small dense matmul (nn._AngularAggregate).
-TABLE_POINTS_PER_WIDTH = 16
+# The angular basis is smooth on the scale of its width sigma, so the layer evaluates it as a
+# piecewise polynomial: [-1, 1] is cut into S = 2 * half equal segments of about sigma / 2.5, and
+# on each segment every Gaussian is a degree-5 polynomial in the position t in [0, 1) within the
+# segment (least squares at Chebyshev nodes, float64).  Error ~4e-8 for the default basis and the
+# lightweight one (b <= 1; tests/test_model.py), i.e. at float32 resolution.  Then
+# sum_e w_e b(c_e) = sum_{s, m} hist[s, m] * table[s, m] with hist[s, m] = sum_{e in segment s} w_e t_e^m:
+# 6 moments scattered per edge, head and axis and one small dense matmul, instead of D
+# exponentials (nn._AngularAggregate, kernels.py).
+SEGMENTS_PER_WIDTH = 2.5
+ANGLE_POLY_DEGREE = 5
 
 
 def angle_basis_table(size: int = ANGLE_BASIS_SIZE, width: float = ANGLE_BASIS_WIDTH,
-                      points_per_width: int = TABLE_POINTS_PER_WIDTH):
-    """b_angl tabulated for cubic Hermite interpolation -> ``(table [2G, size] float64, step)``.
+                      segments_per_width: float = SEGMENTS_PER_WIDTH, degree: int = ANGLE_POLY_DEGREE):
+    """b_angl as a piecewise polynomial -> ``(table [S, degree + 1, size] float64, half)``.
 
-    Grid g_j = (j - (G-1)/2) * step, symmetric about 0 and covering [-1, 1] with a point of margin,
-    so that b(-c) is exactly b(c) reversed.  Rows 0..G-1 hold b(g_j), rows G..2G-1 step * b'(g_j).
+    Segment s covers [-1 + s / half, -1 + (s + 1) / half], S = 2 * half (symmetric about 0), and
+    b(c) = sum_m table[s, m] * t^m with t = (c + 1) * half - s (``angle_segments``).
     """
     sigma = width * 2.0 / (size - 1)
-    step = sigma / points_per_width
-    half = math.ceil(1.0 / step) + 1
-    grid = (torch.arange(2 * half + 1, dtype=torch.float64) - half) * step
-    values = gaussian_angle_basis(grid, size, width)
-    z = (grid.unsqueeze(-1) - torch.linspace(-1.0, 1.0, size, dtype=torch.float64)) / sigma
-    return torch.cat([values, -z / sigma * step * values]), step  # d/dc exp(-z^2/2) = -z/sigma * b
+    half = math.ceil(segments_per_width / sigma)
+    nodes = 4 * (degree + 1)  # Chebyshev nodes in [0, 1], well over the degree: a near-minimax fit
+    x = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(nodes, dtype=torch.float64) + 0.5) / nodes)
+    vander = x.unsqueeze(-1) ** torch.arange(degree + 1, dtype=torch.float64)  # [nodes, degree + 1]
+    left = torch.arange(2 * half, dtype=torch.float64) / half - 1.0
+    values = gaussian_angle_basis(left[:, None] + x[None] / half, size, width)  # [S, nodes, size]
+    table = torch.linalg.lstsq(vander.expand(2 * half, -1, -1), values).solution
+    return table, half
 
 
-def hermite_taps(x: torch.Tensor, step: float, num_points: int):
-    """Where ``x`` falls on the symmetric grid of ``angle_basis_table`` -> ``(j, coef)``.
-
-    j: int64, the shape of x, the grid point left of x; coef: [..., 4], the cubic Hermite weights
-    of (value at j, value at j+1, step * derivative at j, step * derivative at j+1).
-    """
-    half = (num_points - 1) // 2
-    u = (x / step + half).clamp_(0, num_points - 1)
-    j = u.floor().clamp_(max=num_points - 2)
-    t = u - j
-    t2 = t * t
-    t3 = t2 * t
-    coef = torch.stack([2 * t3 - 3 * t2 + 1, 3 * t2 - 2 * t3, t3 - 2 * t2 + t, t3 - t2], dim=-1)
-    return j.long(), coef
+def angle_segments(cos: torch.Tensor, half: int):
+    """Segment index (int64) and position t in [0, 1] of each cosine on the grid of ``angle_basis_table``
+    (values outside [-1, 1] are clamped)."""
+    u = ((cos + 1.0) * half).clamp_(0, 2 * half)
+    s = u.floor().clamp_(max=2 * half - 1)
+    return s.long(), u - s

@@ -105,9 +105,9 @@ def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, tie_breaker
     dst = graph.edges()[1]
     near = valid
     for values in (score, *tie_breakers):
-        s = torch.where(near, values, torch.full_like(values, neg))
-        best = dglops.copy_e_max(graph, s)[dst]  # [E, H]: the best of each edge's destination
-        near = near & (s >= best - tie_tol * (1.0 + best.abs()))
+        s = values.masked_fill(~near, neg)
+        best = dglops.copy_e_max(graph, s)  # [N, H]
+        near = near & (s >= (best - tie_tol * (1.0 + best.abs()))[dst])
     # lowest edge index among the near-best: maximise (E - index); float64 keeps indices exact
     rank = (E - torch.arange(E, device=score.device, dtype=torch.float64)).unsqueeze(-1).expand_as(score)
     rank = torch.where(near, rank, torch.zeros_like(rank))
@@ -119,7 +119,7 @@ def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, tie_breaker
 
 
 def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor,
-                      secondary=None):
+                      secondary=None, block=None):
     """Shared by ``max`` and ``static_local``: pick e1, then e2 by score + log(1 - |cos|); ties
     in ``score`` are broken by ``secondary`` (same shape) when given.
 
@@ -129,20 +129,24 @@ def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate:
     features, and the edge index would pick the class by atom order.  So among tied e2 candidates
     the one turning counter-clockwise about m, the attention-weighted mean direction (a
     rotation-covariant vector that site symmetries fix), wins: maximise (e1 x r) . m.
+    ``block``: the edge -> atom block of ``edge_to_node_block`` (built here when not given).
     Returns (frames [N, H, 3, 3], tied [N, H])."""
-    H = score.shape[1]
-    dst = graph.edges()[1]
+    E, H = score.shape
     valid = candidate.unsqueeze(-1).expand(-1, H)
     i1, found1, tied1 = _segment_argmax(graph, score, valid, () if secondary is None else (secondary,))
     e1 = rhat[i1]  # [N, H, 3]
     # no candidate at all (isolated atom): there is no angular term to orient, any axis will do
     e1 = torch.where(found1.unsqueeze(-1), e1, e1.new_tensor([1.0, 0.0, 0.0]).expand_as(e1))
 
-    cos1 = (rhat.unsqueeze(1) * e1[dst]).sum(-1)  # [E, H]
+    if block is None:
+        block = edge_to_node_block(graph.edges()[1], graph.num_nodes())
+    r = rhat.view(E, 1, 3)
+    mean_dir = weighted_edge_sum(block, r, (weights * candidate.unsqueeze(-1)).unsqueeze(-1))  # [N, H, 3]
+    # r . e1 and (e1 x r) . m = r . (m x e1), per edge and head: one fused SDDMM, no [E, H, 3] gathers
+    dots = dglops.e_dot_v(graph, r, torch.cat([e1, torch.cross(mean_dir, e1, dim=-1)], 1)).view(E, 2, H)
+    cos1, turn = dots[:, 0], dots[:, 1]
     valid2 = valid & (cos1.abs() < COLLINEAR_COS)
     penalty = torch.log((1.0 - cos1.abs()).clamp_min(1e-5))
-    mean_dir = dglops.copy_e_sum(graph, (weights * candidate.unsqueeze(-1)).unsqueeze(-1) * rhat.unsqueeze(1))
-    turn = (torch.cross(e1[dst], rhat.unsqueeze(1).expand(-1, H, -1), dim=-1) * mean_dir[dst]).sum(-1)
     breakers = (turn,) if secondary is None else (secondary + penalty, turn)
     i2, found2, tied2 = _segment_argmax(graph, score + penalty, valid2, breakers)
     r2 = rhat[i2]
@@ -152,18 +156,19 @@ def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate:
     return torch.stack([e1, e2, e3], dim=2), tied1 | (tied2 & found2)
 
 
-def max_frames(graph, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor):
+def max_frames(graph, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor,
+               block=None):
     """``max`` frame from this layer's attention logits (and weights, for ties) [E, H]."""
-    return _max_style_frames(graph, logits, rhat, candidate, weights)
+    return _max_style_frames(graph, logits, rhat, candidate, weights, block=block)
 
 
 def static_local_frames(graph, dist_logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
-                        logits: torch.Tensor, weights: torch.Tensor):
+                        logits: torch.Tensor, weights: torch.Tensor, block=None):
     """``static_local`` frame: the ``max`` rule on the distance term -|r|^2/(2 sigma^2) alone.
     Equidistant neighbours of different species are common (Heusler, rocksalt second shells) and
     not symmetry-related, so distance ties are broken by the full attention logit, which sees
     species: the choice then does not depend on atom order."""
-    return _max_style_frames(graph, dist_logits, rhat, candidate, weights, secondary=logits)
+    return _max_style_frames(graph, dist_logits, rhat, candidate, weights, secondary=logits, block=block)
 
 
 def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: float = 1e-4):
@@ -180,12 +185,12 @@ def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: f
 
 
 def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
-                        logits: torch.Tensor, eig_tol: float = 1e-3):
+                        logits: torch.Tensor, eig_tol: float = 1e-3, block=None):
     """``weighted_pca`` frame from the attention weights [E, H] of this layer.
     Returns (frames, tied) where tied marks axes of arbitrary sign and the max-frame fallback's ties."""
-    N, dst = graph.num_nodes(), graph.edges()[1]
-    E, H = weights.shape
-    block = edge_to_node_block(dst, N)
+    N, (E, H) = graph.num_nodes(), weights.shape
+    if block is None:
+        block = edge_to_node_block(graph.edges()[1], N)
     w = (weights * candidate.unsqueeze(-1)).unsqueeze(-1)  # [E, H, 1], self image excluded
     outer = (rhat.unsqueeze(-1) * rhat.unsqueeze(-2)).reshape(E, 1, 9)
     cov = weighted_edge_sum(block, outer, w).reshape(N, H, 3, 3).double()
@@ -196,7 +201,7 @@ def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candid
     # orientation: towards the weighted mean direction, else by the weighted third moment
     mean_dir = weighted_edge_sum(block, rhat.unsqueeze(1), w)  # [N, H, 3]
     first = (axes * mean_dir.unsqueeze(2)).sum(-1)  # [N, H, 3]
-    proj = (axes[dst] * rhat[:, None, None, :]).sum(-1)  # [E, H, 3]
+    proj = dglops.e_dot_v(graph, rhat.view(E, 1, 3), axes.reshape(N, H * 3, 3)).view(E, H, 3)
     third = weighted_edge_sum(block, proj.pow(3), w)
     axes, ambiguous = _orient(axes, first, third)
     e1, e2 = axes[:, :, 0], axes[:, :, 1]
@@ -208,7 +213,7 @@ def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candid
     degenerate = (gaps < eig_tol).any(-1) | (evals[..., 0] < 1e-8)
     tied = ambiguous[..., :2].any(-1)
     if degenerate.any():
-        fallback, fallback_tied = max_frames(graph, logits, rhat, candidate, weights)
+        fallback, fallback_tied = max_frames(graph, logits, rhat, candidate, weights, block)
         frames = torch.where(degenerate[..., None, None], fallback, frames)
         tied = torch.where(degenerate, fallback_tied, tied)
     return frames, tied
@@ -348,23 +353,23 @@ def lattice_frames(graph, num_heads: int):
 
 @torch.no_grad()
 def compute_frames(kind: str, graph, rhat: torch.Tensor, candidate: torch.Tensor, logits: torch.Tensor,
-                   weights: torch.Tensor, dist_logits: torch.Tensor):
+                   weights: torch.Tensor, dist_logits: torch.Tensor, block=None):
     """Dispatch on the frame type.  Returns ``(frames, tied)``: frames [N, H, 3, 3] (rows = axes)
     and tied [N, H] bool (the choice of e1 or e2 was a tie), or ``(None, None)`` for ``none``.
 
     rhat: [E, 3] unit displacement (0 for the self image); candidate: [E] bool (not the self image);
     logits, weights, dist_logits: [E, H] attention logits, softmax weights, and the distance-only
-    part of the logits.
+    part of the logits; block: ``edge_to_node_block(dst, N)`` when the caller has it (built otherwise).
     """
     H = logits.shape[1]
     if kind == "none":
         return None, None
     if kind == "max":
-        return max_frames(graph, logits, rhat, candidate, weights)
+        return max_frames(graph, logits, rhat, candidate, weights, block)
     if kind == "static_local":
-        return static_local_frames(graph, dist_logits, rhat, candidate, logits, weights)
+        return static_local_frames(graph, dist_logits, rhat, candidate, logits, weights, block)
     if kind == "weighted_pca":
-        return weighted_pca_frames(graph, weights, rhat, candidate, logits)
+        return weighted_pca_frames(graph, weights, rhat, candidate, logits, block=block)
     if kind == "pca":
         frames, tied = pca_frames(graph, H)
         return frames.to(rhat.dtype), tied

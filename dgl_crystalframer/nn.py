@@ -16,6 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import basis as B
+from . import kernels as K
 from ._dgl import dglops, edge_softmax
 from .frames import CANDIDATE_MIN_D2, SYMMETRISED_AXES, check_frame_type, compute_frames, edge_to_node_block
 
@@ -30,6 +31,7 @@ class EdgeGeometry(NamedTuple):
     dst: torch.Tensor  # [E] destination atom of each edge
     block: object  # DGL block edge -> destination atom, for the fused per-atom sums
     order: Optional[torch.Tensor]  # [E] edges sorted by destination, None if they already are
+    indptr: torch.Tensor  # [N + 1] where each destination atom's edges start, in that order
 
 
 def edge_geometry(graph, rvec: torch.Tensor, num_dist_basis: int = B.DIST_BASIS_SIZE,
@@ -42,10 +44,11 @@ def edge_geometry(graph, rvec: torch.Tensor, num_dist_basis: int = B.DIST_BASIS_
     dist = dist2.sqrt()
     rhat = torch.where(candidate.unsqueeze(-1), rvec / dist.clamp_min(1e-12).unsqueeze(-1), torch.zeros_like(rvec))
     dst = graph.edges()[1]
+    N = graph.num_nodes()
     unsorted = bool((dst[1:] < dst[:-1]).any())  # the angular histogram chunks need edges grouped by atom
+    indptr = torch.cat([dst.new_zeros(1), torch.cumsum(torch.bincount(dst, minlength=N), 0)])
     return EdgeGeometry(dist2, rhat, candidate, B.gaussian_distance_basis(dist, num_dist_basis, dist_basis_rmax),
-                        dst, edge_to_node_block(dst, graph.num_nodes()),
-                        torch.argsort(dst, stable=True) if unsorted else None)
+                        dst, edge_to_node_block(dst, N), torch.argsort(dst, stable=True) if unsorted else None, indptr)
 
 
 class _DistAggregate(torch.autograd.Function):
@@ -69,59 +72,58 @@ class _DistAggregate(torch.autograd.Function):
 
 
 class _AngularAggregate(torch.autograd.Function):
-    """A[i, h, k, :] = sum_{e -> i} w[e, h] * b_angl(cos[e, h, k])  ->  [N, H, 3, D].
+    """y[i, h, :] = sum_k W_kh sum_{e -> i} w[e, h] * b_angl(cos[e, h, k])  ->  [N, H, d_head].
 
-    The basis is interpolated from a table (``basis.angle_basis_table``, error ~1e-7), so that
-    sum_e w_e b(c_e) = sum_g hist[g] * table[g] with hist the per-atom histogram of the Hermite
-    weights w_e * coef_e on 4 grid rows per (edge, head, axis): a scatter of 4 numbers instead of D
-    exponentials, then a dense [rows, 2G] x [2G, D] matmul.  Atoms are processed in chunks (edges
-    sorted by destination) so that each histogram stays cache-sized; nothing per edge is saved for
-    backward but ``cos``, where dL/dw = sum_k sum_taps coef * (dL/dA @ table^T)[tap].
+    b_angl is a piecewise polynomial (``basis.angle_basis_table``, error ~4e-8), so that
+    sum_e w_e b(c_e) = sum_{s, m} hist[s, m] * table[s, m], with hist the per-(atom, head, axis)
+    histogram of the moments w_e t_e^m over the S segments (``kernels.histogram``): M numbers
+    scattered per (edge, head, axis) instead of D exponentials.  The table is projected first,
+    P[h, k] = table @ W_kh^T  ([S*M, d_head]), so one batched matmul per chunk of atoms gives y.
+    Where ``sym`` [N, H, 3] is set the feature is symmetrised over c -> -c (tied frames, see the
+    layer).  Atoms are processed in chunks so that each histogram stays cache-sized (edges sorted
+    by destination, ``indptr`` [N + 1]).  Backward keeps ``cos`` and the histograms
+    (H * 3 * S * M floats per atom, ~20x fewer than its ~80 edges' [E, H, 3, D] basis values):
+    dL/dP = hist^T dL/dy and dL/dw = sum_k sum_m t^m (dL/dy @ P^T)[s, m]
+    (``kernels.histogram_transpose``).
     Cosines carry no gradient (frames and directions are constants).
     """
 
     @staticmethod
-    def forward(ctx, dst, num_nodes, cos, weight, table, step, hist_budget):
-        H, D, G = cos.shape[1], table.shape[1], table.shape[0] // 2
-        out = cos.new_empty(num_nodes, H, 3, D)
-        chunks = _node_chunks(dst, num_nodes, max(1, hist_budget // (H * 3 * 2 * G)))
-        for n0, n1, e0, e1 in chunks:
-            idx, coef = _hist_taps(dst[e0:e1] - n0, cos[e0:e1], step, G)
-            vals = coef.mul_(weight[e0:e1, :, None, None])
-            rows = (n1 - n0) * H * 3
-            hist = torch.bincount(idx.view(-1), vals.view(-1), minlength=rows * 2 * G)
-            out[n0:n1] = (hist.view(rows, 2 * G) @ table).view(n1 - n0, H, 3, D)
-        ctx.save_for_backward(dst, cos, table)
-        ctx.meta = (step, chunks)
+    def forward(ctx, indptr, cos, weight, sym, proj, half, hist_budget):
+        N, H = indptr.shape[0] - 1, cos.shape[1]
+        SM, dh = proj.shape[2], proj.shape[3]  # proj: [H, 3, S*M, d_head]
+        S, M = 2 * half, SM // (2 * half)
+        cos, weight, sym = cos.contiguous(), weight.contiguous(), sym.contiguous()
+        proj = proj.reshape(H, 3 * SM, dh)
+        out = cos.new_empty(N, H, dh)
+        chunks = _node_chunks(N, hist_budget // (H * 3 * SM))
+        hists = []
+        for n0, n1 in chunks:
+            hist = K.histogram(indptr, cos, weight, sym, n0, n1, half, S, M)  # [H, n, 3*S*M]
+            out[n0:n1] = torch.bmm(hist, proj).transpose(0, 1)
+            hists.append(hist)
+        ctx.hists = hists  # intermediates, not inputs or outputs: no save_for_backward needed
+        ctx.save_for_backward(indptr, cos, sym, proj)
+        ctx.meta = (half, S, M, chunks)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        dst, cos, table = ctx.saved_tensors
-        step, chunks = ctx.meta
-        D, G = table.shape[1], table.shape[0] // 2
-        grad_w = cos.new_zeros(cos.shape[:2])
-        for n0, n1, e0, e1 in chunks:
-            gtab = grad_out[n0:n1].reshape(-1, D) @ table.T  # [rows, 2G]: dL/dhist
-            idx, coef = _hist_taps(dst[e0:e1] - n0, cos[e0:e1], step, G)
-            grad_w[e0:e1] = (gtab.view(-1)[idx] * coef).sum((-1, -2))
-        return None, None, None, grad_w, None, None, None
+        indptr, cos, sym, proj = ctx.saved_tensors
+        half, S, M, chunks = ctx.meta
+        grad_w = cos.new_empty(cos.shape[:2])
+        grad_proj = torch.zeros_like(proj)
+        for (n0, n1), hist in zip(chunks, ctx.hists):
+            g = grad_out[n0:n1].transpose(0, 1)  # [H, n, d_head]
+            K.histogram_transpose(indptr, cos, sym, torch.bmm(g, proj.transpose(1, 2)), n0, n1, half, S, M, grad_w)
+            grad_proj.baddbmm_(hist.transpose(1, 2), g)
+        return None, None, grad_w, None, grad_proj.view(proj.shape[0], 3, S * M, -1), None, None
 
 
-def _hist_taps(dst_local: torch.Tensor, cos: torch.Tensor, step: float, G: int):
-    """Flat histogram positions [E, H, 3, 4] of the 4 Hermite taps and their weights [E, H, 3, 4]."""
-    E, H, _ = cos.shape
-    j, coef = B.hermite_taps(cos, step, G)
-    row = dst_local.view(E, 1, 1) * (H * 3) + torch.arange(H * 3, device=cos.device).view(1, H, 3)
-    base = (row * (2 * G) + j).unsqueeze(-1)
-    return base + base.new_tensor([0, 1, G, G + 1]), coef
-
-
-def _node_chunks(dst: torch.Tensor, num_nodes: int, nodes_per_chunk: int):
-    """[(n0, n1, e0, e1)]: atom ranges and the (contiguous) ranges of their incoming edges."""
-    bounds = list(range(0, num_nodes, nodes_per_chunk)) + [num_nodes]
-    edge_bounds = torch.searchsorted(dst, torch.tensor(bounds, dtype=dst.dtype, device=dst.device)).tolist()
-    return [(bounds[c], bounds[c + 1], edge_bounds[c], edge_bounds[c + 1]) for c in range(len(bounds) - 1)]
+def _node_chunks(num_nodes: int, nodes_per_chunk: int):
+    """[(n0, n1)] atom ranges of at most ``nodes_per_chunk`` (>= 1) atoms."""
+    step = max(1, nodes_per_chunk)
+    return [(n0, min(num_nodes, n0 + step)) for n0 in range(0, num_nodes, step)]
 
 
 class CrystalFramerConv(nn.Module):
@@ -147,14 +149,14 @@ class CrystalFramerConv(nn.Module):
 
     Kernels: q.k is an SDDMM (``u_dot_v``), the softmax is ``edge_softmax``, the value and distance
     sums are SpMMs (``u_mul_e_sum``, ``gspmm`` over an edge->atom block, backward by SDDMM ``dot``)
-    and the angular sum interpolates b_a from a table (error ~1e-7, see ``_AngularAggregate``).
+    and the angular sum evaluates b_a as a piecewise polynomial through per-atom histograms of
+    moments (error ~4e-8, see ``_AngularAggregate``; a fused numba kernel on CPU, ``kernels.py``).
 
     Memory (forward + backward, per edge, H heads, D angular / K distance Gaussians): the layer
     keeps at most about ``H * (8 + 3)`` floats per edge for backward (logits, weights, softmax
     output, cosines), plus the shared [E, K] distance basis once per batch.  Neither the
     [E, H, K] nor the [E, H, 3, D] basis products are ever formed; the angular work lives in
-    per-atom histograms of at most ``hist_budget`` floats at a time, and transient [E, H, 3, 4]
-    tap weights.  Measured (``python -m benchmarks.perf``, scaling section): a whole training
+    per-atom histograms of at most ``hist_budget`` floats at a time.  Measured (``python -m benchmarks.perf``, scaling section): a whole training
     step of the 4-layer default model peaks at about 0.6 KB per edge above the resting process.
 
     Sign convention: ``rvec`` points from the destination atom to the source image.  The opposite
@@ -218,7 +220,7 @@ class CrystalFramerConv(nn.Module):
             self.angle_proj = nn.Parameter(torch.empty(3, H * dh, num_angle_basis))  # W1..W3
             if num_angle_basis < 2:
                 raise ValueError(f"num_angle_basis must be >= 2, got {num_angle_basis}")
-            table, self.angle_step = B.angle_basis_table(num_angle_basis, angle_basis_width)
+            table, self.angle_half = B.angle_basis_table(num_angle_basis, angle_basis_width)
             self.register_buffer("angle_table", table.float(), persistent=False)  # follows .to(device/dtype)
         else:
             self.register_parameter("angle_proj", None)
@@ -283,7 +285,7 @@ class CrystalFramerConv(nn.Module):
         frames = tied = None
         if self.angle_proj is not None:
             frames, tied = compute_frames(self.frame, graph, geometry.rhat, geometry.candidate,
-                                          logits.detach(), weights.detach(), dist_logits.detach())
+                                          logits.detach(), weights.detach(), dist_logits.detach(), geometry.block)
         return geometry, v, weights, frames, tied
 
     @torch.no_grad()
@@ -302,26 +304,26 @@ class CrystalFramerConv(nn.Module):
             N, H, dh = v.shape
             w = weights.unsqueeze(-1)
             y = dglops.u_mul_e_sum(graph, v, w)  # [N, H, dh]
-            dst = geometry.dst
             agg_dist = _DistAggregate.apply(geometry.block, geometry.dist_basis, weights)  # [N, H, K]
             w0 = self.dist_proj.view(H, dh, self.num_dist_basis)
             y = y + self.c_dist * torch.einsum("nhk,hdk->nhd", agg_dist, w0)
 
             if frames is not None:
-                cos = torch.einsum("ehkc,ec->ehk", frames[dst], geometry.rhat)  # [E, H, 3], 0 for self
+                # cos[e, h, k] = e_k(dst(e), h) . rhat_e, 0 for the self image (a fused SDDMM)
+                E = geometry.rhat.shape[0]
+                cos = dglops.e_dot_v(graph, geometry.rhat.view(E, 1, 3), frames.reshape(N, H * 3, 3)).view(E, H, 3)
                 w_ang = weights * geometry.candidate.unsqueeze(-1)  # the self image has no direction
                 if geometry.order is not None:
-                    dst, cos, w_ang = dst[geometry.order], cos[geometry.order], w_ang[geometry.order]
-                agg_ang = _AngularAggregate.apply(dst, N, cos, w_ang, self.angle_table, self.angle_step,
-                                                  self.hist_budget)
+                    cos, w_ang = cos[geometry.order], w_ang[geometry.order]
                 # tied frame choices differ at most by the signs of some cosines (frames.py):
-                # symmetrise there; the basis centres are symmetric, so b(-c) is b(c) reversed
+                # the features of those axes are symmetrised over c -> -c there
                 axes = torch.zeros(3, dtype=torch.bool, device=tied.device)
                 axes[list(SYMMETRISED_AXES.get(self.frame, (2,)))] = True
-                mask = (tied.unsqueeze(-1) & axes).unsqueeze(-1)  # [N, H, 3, 1]
-                agg_ang = torch.where(mask, 0.5 * (agg_ang + agg_ang.flip(-1)), agg_ang)
+                sym = tied.unsqueeze(-1) & axes  # [N, H, 3]
                 wk = self.angle_proj.view(3, H, dh, self.num_angle_basis)
-                y = y + self.c_angl * torch.einsum("nhkm,khdm->nhd", agg_ang, wk)
+                proj = torch.einsum("xm,khdm->hkxd", self.angle_table.flatten(0, 1), wk)  # [H, 3, S*M, dh]
+                y = y + self.c_angl * _AngularAggregate.apply(geometry.indptr, cos, w_ang, sym, proj,
+                                                              self.angle_half, self.hist_budget)
 
             out = self.fc_out(y.reshape(N, H * dh))
             if get_attention:
