@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # first import of torch goes through dgl_crystalframer, which sets the OpenMP policy (_openmp.py)
 from dgl_crystalframer.training import (
-    FRAMES, TRAIN_PRESETS, ConfigError, TrainConfig, default_out_dir, read_config_file, train_and_evaluate)
+    FRAMES, TRAIN_PRESETS, ConfigError, TrainConfig, default_out_dir, load_splits, read_config_file, train_and_evaluate)
 
 # --------------------------------------------------------------------------------------------
 # Published test MAEs (SPEC.md 7). Rows: (name, frame of that row or None, values per column).
@@ -59,7 +59,7 @@ FRAME_LABELS = {"none": "Crystalformer (no frames)", "max": "max frames", "weigh
 
 
 def published_rows(dataset: str, target: Optional[str]) -> Tuple[Optional[str], List[Tuple[str, Optional[str], float]]]:
-    """(table name, [(model, frame, published MAE)]) for this dataset/target; ([], None) if none."""
+    """(table name, [(model, frame, published MAE)]) for this dataset/target; (None, []) if none."""
     t = MP_ALIASES.get(str(target), str(target))
     if dataset in ("dft_3d_2021", "dft_3d") and t in JARVIS_COLUMNS:
         i = JARVIS_COLUMNS.index(t)
@@ -182,14 +182,6 @@ def _is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _load_data(cfg: TrainConfig):
-    """Load the split once, before any training, so that missing data fails fast."""
-    from dgl_crystalframer.data import load_dataset
-
-    return load_dataset(cfg.dataset, cfg.target, data_dir=cfg.data_dir, split=cfg.split, cutoff=cfg.cutoff,
-                        cache_dir=cfg.cache_dir, seed=cfg.seed, progress=cfg.progress)
-
-
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     base = config_from_args(args)
     frames = list(FRAMES) if args.frame == "all" else [None]
@@ -203,7 +195,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     data = None
     if not distributed:  # under torchrun the trainer loads it (rank 0 first, then the others)
         try:
-            data = _load_data(configs[0])
+            data = load_splits(configs[0], configs[0].progress)  # once, before training: missing data fails fast
         except (OSError, ValueError, KeyError) as exc:  # missing file, unknown target, unreadable dataset
             raise ConfigError(str(exc).strip("'\"")) from exc
     results = []
@@ -221,10 +213,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     args = build_parser(prog).parse_args(argv)
     try:
         results = run(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

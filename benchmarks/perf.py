@@ -44,9 +44,10 @@ import torch  # noqa: E402
 from dgl_crystalframer._dgl import dgl  # noqa: E402
 from dgl_crystalframer.data import SAMPLE_PATH, load_dataset  # noqa: E402
 from dgl_crystalframer.graph import CrystalArrays, graph_from_arrays, structure_to_arrays  # noqa: E402
+from dgl_crystalframer import _openmp  # noqa: E402
 from dgl_crystalframer.model import CrystalFramer  # noqa: E402
+from dgl_crystalframer.training import FRAMES  # noqa: E402
 
-FRAMES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
 TARGETS = {  # the performance issue's targets on 2 CPU cores (frame max)
     "train_crystals_per_s": (">=", 60.0),
     "infer_ms_batched": ("<=", 4.0),
@@ -260,7 +261,7 @@ def bench_omp_policy(graphs, repeats: int, frame: str = "max") -> Dict[str, floa
 
 
 def machine_info(threads: int) -> Dict[str, Any]:
-    from dgl_crystalframer import _openmp, kernels
+    from dgl_crystalframer import kernels
 
     return {"cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__, "dgl": dgl.__version__,
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
@@ -272,7 +273,7 @@ def _worker(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     """Run one measurement in a subprocess (fresh memory, or another OpenMP setting)."""
     env = dict(os.environ)
     if kind.startswith("omp-"):
-        env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+        env = {k: v for k, v in env.items() if k not in _openmp.USER_KEYS}
         env["OMP_WAIT_POLICY"] = kind[len("omp-"):]
     if kind == "kernels-torch":
         env["DGL_CRYSTALFRAMER_KERNELS"] = "torch"

@@ -45,13 +45,12 @@ import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ._dgl import dgl
-from . import graph as _graph
 from .basis import default_cutoff
 from .graph import StructureError, build_graph
 
@@ -179,16 +178,8 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         return self.graphs[index], self.targets[index]
 
-    def subset(self, indices: Iterable[int]) -> "CrystalGraphDataset":
-        idx = list(indices)
-        return CrystalGraphDataset([self.graphs[i] for i in idx], self.targets[idx], [self.ids[i] for i in idx], self.target, self.unit)
-
     def __repr__(self) -> str:
         return f"CrystalGraphDataset({len(self)} crystals, target={self.target!r} [{self.unit}])"
-
-    @staticmethod
-    def collate(items):
-        return collate(items)
 
 
 def collate(items: Sequence[Tuple[Any, torch.Tensor]]):
@@ -538,7 +529,7 @@ def _json_source(path: str) -> _Source:
     for ext in (".zip", ".gz", ".json"):
         name = name[: -len(ext)] if name.lower().endswith(ext) else name
     return _Source("json", name, {"json": _file_identity(path)}, entries, keys,
-                   {"has_split": any(e.split for e in entries), "has_split_column": any(_norm_split(r.get("split")) for r in records[:1000] if isinstance(r, dict))})
+                   {"has_split_column": any(_norm_split(r.get("split")) for r in records[:1000] if isinstance(r, dict))})
 
 
 def _dedupe_ids(src: _Source) -> _Source:
@@ -716,7 +707,7 @@ def default_cache_dir() -> str:
 def _graph_version() -> str:
     from . import __version__
 
-    return f"{GRAPH_FORMAT_VERSION}.{getattr(_graph, 'GRAPH_FORMAT_VERSION', 0)}/{__version__}"
+    return f"{GRAPH_FORMAT_VERSION}.0/{__version__}"  # the ".0" keeps existing cache keys valid
 
 
 def _cache_for(src: _Source, cutoff: float, cache_dir: Optional[str]) -> GraphCache:

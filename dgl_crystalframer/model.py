@@ -9,9 +9,9 @@ from torch import nn
 
 from . import basis as B
 from ._dgl import dgl
+from .graph import NUM_SPECIES
 from .nn import CrystalFramerConv, edge_geometry
 
-NUM_SPECIES = 98
 
 PRESETS = {
     # plain Crystalformer (ICLR 2024): 853K parameters

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from . import basis as B
 from . import kernels as K
 from ._dgl import dglops, edge_softmax
-from .frames import CANDIDATE_MIN_D2, SYMMETRISED_AXES, check_frame_type, compute_frames, edge_to_node_block
+from .frames import (CANDIDATE_MIN_D2, SYMMETRISED_AXES, check_frame_type, compute_frames, edge_to_node_block,
+                     weighted_edge_sum)
 
 
 class EdgeGeometry(NamedTuple):
@@ -28,7 +29,6 @@ class EdgeGeometry(NamedTuple):
     rhat: torch.Tensor  # [E, 3] r / |r| (0 for the self image)
     candidate: torch.Tensor  # [E] bool, not the self image
     dist_basis: torch.Tensor  # [E, K] b_dist(|r|)
-    dst: torch.Tensor  # [E] destination atom of each edge
     block: object  # DGL block edge -> destination atom, for the fused per-atom sums
     order: Optional[torch.Tensor]  # [E] edges sorted by destination, None if they already are
     indptr: torch.Tensor  # [N + 1] where each destination atom's edges start, in that order
@@ -48,7 +48,7 @@ def edge_geometry(graph, rvec: torch.Tensor, num_dist_basis: int = B.DIST_BASIS_
     unsorted = bool((dst[1:] < dst[:-1]).any())  # the angular histogram chunks need edges grouped by atom
     indptr = torch.cat([dst.new_zeros(1), torch.cumsum(torch.bincount(dst, minlength=N), 0)])
     return EdgeGeometry(dist2, rhat, candidate, B.gaussian_distance_basis(dist, num_dist_basis, dist_basis_rmax),
-                        dst, edge_to_node_block(dst, N), torch.argsort(dst, stable=True) if unsorted else None, indptr)
+                        edge_to_node_block(dst, N), torch.argsort(dst, stable=True) if unsorted else None, indptr)
 
 
 class _DistAggregate(torch.autograd.Function):
@@ -62,7 +62,7 @@ class _DistAggregate(torch.autograd.Function):
     def forward(ctx, block, basis, weight):
         ctx.block = block
         ctx.save_for_backward(basis)
-        return dglops.gspmm(block, "mul", "sum", basis.unsqueeze(1), weight.unsqueeze(-1))
+        return weighted_edge_sum(block, basis.unsqueeze(1), weight.unsqueeze(-1))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -156,8 +156,10 @@ class CrystalFramerConv(nn.Module):
     keeps at most about ``H * (8 + 3)`` floats per edge for backward (logits, weights, softmax
     output, cosines), plus the shared [E, K] distance basis once per batch.  Neither the
     [E, H, K] nor the [E, H, 3, D] basis products are ever formed; the angular work lives in
-    per-atom histograms of at most ``hist_budget`` floats at a time.  Measured (``python -m benchmarks.perf``, scaling section): a whole training
-    step of the 4-layer default model peaks at about 0.6 KB per edge above the resting process.
+    per-atom histograms (H * 3 * 240 floats per atom at D=64, kept for backward), filled
+    ``hist_budget`` floats at a time.  Measured (``python -m benchmarks.perf``, scaling section): a
+    whole training step of the 4-layer default model peaks at about 0.5 KB per edge above the
+    resting process.
 
     Sign convention: ``rvec`` points from the destination atom to the source image.  The opposite
     sign (-r for every edge) is the mirror image of the crystal: distances and attention are the
@@ -222,6 +224,9 @@ class CrystalFramerConv(nn.Module):
                 raise ValueError(f"num_angle_basis must be >= 2, got {num_angle_basis}")
             table, self.angle_half = B.angle_basis_table(num_angle_basis, angle_basis_width)
             self.register_buffer("angle_table", table.float(), persistent=False)  # follows .to(device/dtype)
+            axes = torch.zeros(3, dtype=torch.bool)
+            axes[list(SYMMETRISED_AXES.get(frame, (2,)))] = True
+            self.register_buffer("symmetrised_axes", axes, persistent=False)
         else:
             self.register_parameter("angle_proj", None)
         # sigma normaliser: recorded on the first training batch, then frozen
@@ -317,9 +322,7 @@ class CrystalFramerConv(nn.Module):
                     cos, w_ang = cos[geometry.order], w_ang[geometry.order]
                 # tied frame choices differ at most by the signs of some cosines (frames.py):
                 # the features of those axes are symmetrised over c -> -c there
-                axes = torch.zeros(3, dtype=torch.bool, device=tied.device)
-                axes[list(SYMMETRISED_AXES.get(self.frame, (2,)))] = True
-                sym = tied.unsqueeze(-1) & axes  # [N, H, 3]
+                sym = tied.unsqueeze(-1) & self.symmetrised_axes  # [N, H, 3]
                 wk = self.angle_proj.view(3, H, dh, self.num_angle_basis)
                 proj = torch.einsum("xm,khdm->hkxd", self.angle_table.flatten(0, 1), wk)  # [H, 3, S*M, dh]
                 y = y + self.c_angl * _AngularAggregate.apply(geometry.indptr, cos, w_ang, sym, proj,

@@ -129,17 +129,12 @@ def run(args: argparse.Namespace) -> int:
     for name, msg in errors:
         print(f"error: {name}: {msg}" if not msg.startswith(str(name)) else f"error: {msg}", file=sys.stderr)
     header = ["id", f"{predictor.target} ({predictor.unit})" if predictor.unit else predictor.target]
-    w = csv.writer(sys.stdout, lineterminator="\n")
-    w.writerow(header)
-    for name, v in zip(ids, values):
-        w.writerow([name, f"{v:.6g}"])
+    rows = [header] + [[name, f"{v:.6g}"] for name, v in zip(ids, values)]
+    csv.writer(sys.stdout, lineterminator="\n").writerows(rows)
     sys.stdout.flush()
     if args.out:
         with open(args.out, "w", newline="") as f:
-            fw = csv.writer(f)
-            fw.writerow(header)
-            for name, v in zip(ids, values):
-                fw.writerow([name, f"{v:.6g}"])
+            csv.writer(f).writerows(rows)
     if not ids:
         print("error: nothing could be predicted", file=sys.stderr)
         return 1

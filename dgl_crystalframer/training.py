@@ -48,10 +48,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ._dgl import resolve_device
 from .basis import default_cutoff
-from .model import build_model
+from .frames import FRAME_TYPES as FRAMES
+from .model import PRESETS as _MODEL_PRESETS, build_model
 
-FRAMES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
-MODEL_PRESETS = ("crystalformer", "default", "lightweight")
+MODEL_PRESETS = tuple(_MODEL_PRESETS)
 TRAIN_PRESETS = ("smoke", "quick", "paper")
 JARVIS_DATASETS = ("dft_3d_2021", "dft_3d")
 CHECKPOINT_FORMAT = "dgl_crystalframer/checkpoint"
@@ -191,7 +191,7 @@ class TrainConfig:
             c.frame = "max"
         preset = dict(PRESETS[c.preset])
         if c.preset == "paper":
-            frame = c.frame or ("none" if c.model_preset == "crystalformer" else "max")
+            frame = c.frame or _MODEL_PRESETS.get(c.model_preset, {}).get("frame", "max")
             preset.update(paper_schedule(c.dataset, c.target, frame))
         for k, v in preset.items():
             if getattr(c, k) is None:
@@ -199,8 +199,7 @@ class TrainConfig:
         if c.eval_batch_size is None:
             c.eval_batch_size = max(c.batch_size, 64)
         if c.swa_epochs is None:
-            c.swa_epochs = min(50, int(round(0.1 * c.epochs))) if c.epochs >= 2 else 0
-            c.swa_epochs = max(c.swa_epochs, 1) if c.epochs >= 2 else 0
+            c.swa_epochs = max(1, min(50, int(round(0.1 * c.epochs)))) if c.epochs >= 2 else 0
         if c.out_dir is None:
             c.out_dir = default_out_dir(c.dataset, c.target, c.frame or c.model_preset)
         c.validate()
@@ -337,10 +336,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def load_splits(cfg: TrainConfig, progress: bool = True):
+    """The train/val/test split of ``cfg`` (a resolved config), graphs built or read from the cache."""
+    from .data import load_dataset
+
+    return load_dataset(cfg.dataset, cfg.target, progress=progress, data_dir=cfg.data_dir, split=cfg.split,
+                        cutoff=cfg.cutoff, cache_dir=cfg.cache_dir, seed=cfg.seed)
+
+
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """AdamW groups: decay on weight matrices (ndim >= 2), none on biases and vectors."""
-    if hasattr(model, "weight_decay_groups"):
-        return model.weight_decay_groups(weight_decay)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -470,14 +475,14 @@ class _Dist:
             dist.barrier()
 
 
-def _init_distributed(device_name: str) -> _Dist:
+def _init_distributed(device: torch.device) -> _Dist:
     if dist.is_available() and dist.is_initialized():
         return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = resolve_device(device_name).type == "cuda"
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -519,28 +524,26 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr)
 
     def _load_data(self):
-        from .data import load_dataset
-
         cfg = self.cfg
-        kw = dict(data_dir=cfg.data_dir, split=cfg.split, cutoff=cfg.cutoff, cache_dir=cfg.cache_dir, seed=cfg.seed)
         if self.dist.world > 1:  # rank 0 first, so that a graph cache is built once
             if self.dist.main:
-                splits = load_dataset(cfg.dataset, cfg.target, progress=cfg.progress, **kw)
+                splits = load_splits(cfg, cfg.progress)
             self.dist.barrier()
             if not self.dist.main:
-                splits = load_dataset(cfg.dataset, cfg.target, progress=False, **kw)
+                splits = load_splits(cfg, progress=False)
             return splits
-        return load_dataset(cfg.dataset, cfg.target, progress=cfg.progress, **kw)
+        return load_splits(cfg, cfg.progress)
 
     def _setup(self) -> None:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.dist = _init_distributed(cfg.device)
-        if self.dist.world > 1 and resolve_device(cfg.device).type == "cuda":
+        device = resolve_device(cfg.device)
+        self.dist = _init_distributed(device)
+        if self.dist.world > 1 and device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
-            self.device = resolve_device(cfg.device)
+            self.device = device
         seed_everything(cfg.seed)
 
         splits = self._data if self._data is not None else self._load_data()

@@ -76,14 +76,12 @@ def real_trainer() -> Trainer:
         if "data" not in inspect.signature(T.train_and_evaluate).parameters:
             return None
         try:
-            from dgl_crystalframer.data import load_dataset
-
             r = cfg.resolved()
             kw = dict(data_dir=r.data_dir, split=r.split, cutoff=r.cutoff, cache_dir=r.cache_dir, seed=r.seed)
             key = (r.dataset, r.target, tuple(sorted(kw.items())))
             if key not in cache:
                 cache.clear()
-                cache[key] = load_dataset(r.dataset, r.target, progress=False, **kw)
+                cache[key] = T.load_splits(r, progress=False)
             return cache[key]
         except (ImportError, AttributeError, TypeError) as e:  # another data API: let the trainer load
             log.debug("no shared dataset (%s)", e)

@@ -441,9 +441,11 @@ def main(argv=None) -> int:
     readme_path = os.path.join(args.out_dir, "README.md")
     new_sha = hashlib.sha256(gz).hexdigest()
     if args.check:
-        old_sha = sha256_file(gz_path) if os.path.exists(gz_path) else None
-        with gzip.open(gz_path, "rb") as fh:
-            old_payload_sha = hashlib.sha256(fh.read()).hexdigest()
+        old_sha = old_payload_sha = None  # no committed file: a mismatch, not a crash
+        if os.path.exists(gz_path):
+            old_sha = sha256_file(gz_path)
+            with gzip.open(gz_path, "rb") as fh:
+                old_payload_sha = hashlib.sha256(fh.read()).hexdigest()
         new_payload_sha = hashlib.sha256(payload).hexdigest()
         print(f"gz      : committed {old_sha}  rebuilt {new_sha}")
         print(f"payload : committed {old_payload_sha}  rebuilt {new_payload_sha}")

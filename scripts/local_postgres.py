@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A throwaway PostgreSQL server for local multi-worker sweeps and for tests/test_hpo_postgres.py.
+"""A throwaway PostgreSQL server for local multi-worker sweeps and for tests/test_hpo_workers.py.
 
     python scripts/local_postgres.py start [--dir DIR] [--port PORT]   # prints the storage URL
     python -m hpo --study s --storage URL ...                          # in as many shells as you like
