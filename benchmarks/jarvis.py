@@ -152,6 +152,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--max-train", type=int, dest="max_train", help="train on a random subset of this many crystals")
     p.add_argument("--device", help="auto, cpu or cuda[:N] [default: auto]")
+    p.add_argument("--backend", choices=("auto", "dgl", "torch"),
+                   help="sparse operations: DGL's kernels or plain PyTorch [default: auto = dgl where the installed "
+                        "DGL supports the device, else torch]")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--data-dir", dest="data_dir", help="folder holding (or receiving) the jarvis-tools dataset files")
     p.add_argument("--cache-dir", dest="cache_dir", help="graph cache folder")
@@ -166,7 +169,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: Dict[str, Any] = read_config_file(args.config) if args.config else {}
     values.setdefault("preset", "quick")
-    for key in ("dataset", "target", "num_layers", "preset", "epochs", "batch_size", "max_train", "device", "threads",
+    for key in ("dataset", "target", "num_layers", "preset", "epochs", "batch_size", "max_train", "device", "backend", "threads",
                 "data_dir", "cache_dir", "out_dir", "resume", "seed"):
         v = getattr(args, key)
         if v is not None:

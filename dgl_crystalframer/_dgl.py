@@ -56,36 +56,40 @@ GRAPHBOLT_PLACEHOLDER = getattr(sys.modules.get("dgl.graphbolt"), "__path__", No
 
 
 CUDA_HELP = (
-    "DGL from PyPI (pip install dgl) is CPU-only. For GPUs install a CUDA build of DGL that "
-    "matches your torch and CUDA, e.g. `pip install dgl -f https://data.dgl.ai/wheels/torch-2.3/cu121/repo.html` "
-    "or `conda install -c dglteam/label/th23_cu121 dgl` (see https://www.dgl.ai/pages/start.html), "
-    "or run with --device cpu."
+    "Two ways to run on an NVIDIA GPU: (a) any CUDA build of torch with DGL from PyPI (CPU-only): "
+    "the sparse operations then run in plain PyTorch on the GPU (backend torch, chosen automatically); "
+    "(b) torch 2.4 with DGL 2.4's CUDA build for DGL's own GPU kernels (backend dgl): "
+    "pip install torch==2.4.1 --index-url https://download.pytorch.org/whl/cu124 and "
+    "pip install dgl==2.4.0 -f https://data.dgl.ai/wheels/torch-2.4/cu124/repo.html "
+    "(see https://www.dgl.ai/pages/start.html). Or run with --device cpu."
 )
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """Turn ``auto|cpu|cuda[:N]`` into a torch.device that both torch and DGL can use.
+    """Turn ``auto|cpu|cuda[:N]`` into a torch.device.
 
-    ``auto`` picks CUDA only when torch sees a GPU *and* the installed DGL has CUDA kernels.
-    Asking for ``cuda`` explicitly without either raises a RuntimeError that says how to fix it.
+    ``auto`` picks CUDA when torch sees a GPU.  Which code runs the sparse operations there (DGL's
+    CUDA kernels or plain PyTorch) is ``sparse.select_backend``'s choice, so DGL from PyPI is no
+    obstacle.  Asking for ``cuda`` when torch sees no GPU raises a RuntimeError that says how to
+    fix it.
     """
-    name = (name or "auto").lower()
+    name = (name or "auto").strip().lower()
     if name == "cpu":
         return torch.device("cpu")
     if name != "auto" and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
-    want = torch.device("cuda" if name == "auto" else name)
     if not torch.cuda.is_available():
         if name == "auto":
             return torch.device("cpu")
-        raise RuntimeError(f"--device {name}: torch sees no CUDA GPU (torch {torch.__version__}). " + CUDA_HELP)
+        raise RuntimeError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU "
+                           f"(a CPU-only build of torch, or no driver). " + CUDA_HELP)
     try:
-        dgl.graph(([0], [0]), device=want)
-    except Exception as exc:  # CPU-only DGL: "Device API cuda is not enabled"
-        if name == "auto":
-            return torch.device("cpu")
-        raise RuntimeError(f"--device {name}: the installed DGL {dgl.__version__} has no CUDA support ({exc}). " + CUDA_HELP) from exc
-    return want
+        device = torch.device("cuda" if name == "auto" else name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {name}: torch sees only {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
-__all__ = ["dgl", "dglfn", "dglops", "edge_softmax", "resolve_device", "GRAPHBOLT_PLACEHOLDER"]
+__all__ = ["dgl", "dglfn", "dglops", "edge_softmax", "resolve_device", "CUDA_HELP", "GRAPHBOLT_PLACEHOLDER"]

@@ -52,6 +52,7 @@ import torch
 
 from ._dgl import dgl
 from .basis import default_cutoff
+from .batch import collate
 from .graph import StructureError, build_graph
 
 logger = logging.getLogger(__name__)
@@ -180,12 +181,6 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"CrystalGraphDataset({len(self)} crystals, target={self.target!r} [{self.unit}])"
-
-
-def collate(items: Sequence[Tuple[Any, torch.Tensor]]):
-    """``[(graph, target [T])] -> (dgl.batch(graphs), targets [B, T])``."""
-    graphs, targets = zip(*items)
-    return dgl.batch(list(graphs)), torch.stack([torch.as_tensor(t, dtype=torch.float32).reshape(-1) for t in targets])
 
 
 class DatasetSplits(NamedTuple):

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dgl import dgl, dglops
+from . import sparse as S
 
 FRAME_TYPES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
 CANDIDATE_MIN_D2 = 1e-5  # |r|^2 below this is the self image
@@ -67,19 +67,6 @@ def check_frame_type(kind: str) -> str:
     return kind
 
 
-def edge_to_node_block(dst: torch.Tensor, num_nodes: int):
-    """Bipartite graph 'edge e -> its destination atom', so that a fused SpMM sums per-edge
-    features into atoms: ``gspmm(block, "mul", "sum", edge_feat [E, ...], weight [E, ...])``."""
-    src = torch.arange(dst.shape[0], device=dst.device, dtype=dst.dtype)
-    return dgl.create_block((src, dst), num_src_nodes=dst.shape[0], num_dst_nodes=num_nodes, device=dst.device)
-
-
-def weighted_edge_sum(block, edge_feat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """out[i] = sum_{e -> i} weight[e] * edge_feat[e], broadcasting (e.g. [E,1,K] x [E,H,1] -> [N,H,K])
-    in DGL's fused kernel, without materialising the broadcast product."""
-    return dglops.gspmm(block, "mul", "sum", edge_feat, weight)
-
-
 def _unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
@@ -92,7 +79,7 @@ def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
     return _unit(torch.cross(e1, axis, dim=-1))
 
 
-def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, tie_breakers=(), tie_tol: float = TIE_TOL):
+def _segment_argmax(topo: S.Topology, score: torch.Tensor, valid: torch.Tensor, tie_breakers=(), tie_tol: float = TIE_TOL):
     """For each destination node and head, the index of the incoming edge with the largest score.
 
     score, valid and each tie breaker: [E, H].  Returns (index [N, H] long, found [N, H] bool,
@@ -102,24 +89,24 @@ def _segment_argmax(graph, score: torch.Tensor, valid: torch.Tensor, tie_breaker
     """
     E = score.shape[0]
     neg = torch.finfo(score.dtype).min
-    dst = graph.edges()[1]
+    dst = topo.dst
     near = valid
     for values in (score, *tie_breakers):
         s = values.masked_fill(~near, neg)
-        best = dglops.copy_e_max(graph, s)  # [N, H]
+        best = S.copy_e_max(topo, s)  # [N, H]
         near = near & (s >= (best - tie_tol * (1.0 + best.abs()))[dst])
     # lowest edge index among the near-best: maximise (E - index); float64 keeps indices exact
     rank = (E - torch.arange(E, device=score.device, dtype=torch.float64)).unsqueeze(-1).expand_as(score)
     rank = torch.where(near, rank, torch.zeros_like(rank))
-    top = dglops.copy_e_max(graph, rank)  # [N, H], 0 where no valid candidate
+    top = S.copy_e_max(topo, rank)  # [N, H], 0 where no valid candidate
     found = top > 0
     index = (E - top).long().clamp(0, max(E - 1, 0))
-    tied = dglops.copy_e_sum(graph, near.to(score.dtype)) > 1.5
+    tied = S.copy_e_sum(topo, near.to(score.dtype)) > 1.5
     return index, found, tied
 
 
-def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor,
-                      secondary=None, block=None):
+def _max_style_frames(topo: S.Topology, score: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
+                      weights: torch.Tensor, secondary=None):
     """Shared by ``max`` and ``static_local``: pick e1, then e2 by score + log(1 - |cos|); ties
     in ``score`` are broken by ``secondary`` (same shape) when given.
 
@@ -129,26 +116,23 @@ def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate:
     features, and the edge index would pick the class by atom order.  So among tied e2 candidates
     the one turning counter-clockwise about m, the attention-weighted mean direction (a
     rotation-covariant vector that site symmetries fix), wins: maximise (e1 x r) . m.
-    ``block``: the edge -> atom block of ``edge_to_node_block`` (built here when not given).
     Returns (frames [N, H, 3, 3], tied [N, H])."""
     E, H = score.shape
     valid = candidate.unsqueeze(-1).expand(-1, H)
-    i1, found1, tied1 = _segment_argmax(graph, score, valid, () if secondary is None else (secondary,))
+    i1, found1, tied1 = _segment_argmax(topo, score, valid, () if secondary is None else (secondary,))
     e1 = rhat[i1]  # [N, H, 3]
     # no candidate at all (isolated atom): there is no angular term to orient, any axis will do
     e1 = torch.where(found1.unsqueeze(-1), e1, e1.new_tensor([1.0, 0.0, 0.0]).expand_as(e1))
 
-    if block is None:
-        block = edge_to_node_block(graph.edges()[1], graph.num_nodes())
     r = rhat.view(E, 1, 3)
-    mean_dir = weighted_edge_sum(block, r, (weights * candidate.unsqueeze(-1)).unsqueeze(-1))  # [N, H, 3]
-    # r . e1 and (e1 x r) . m = r . (m x e1), per edge and head: one fused SDDMM, no [E, H, 3] gathers
-    dots = dglops.e_dot_v(graph, r, torch.cat([e1, torch.cross(mean_dir, e1, dim=-1)], 1)).view(E, 2, H)
+    mean_dir = S.edge_sum(topo, r, (weights * candidate.unsqueeze(-1)).unsqueeze(-1))  # [N, H, 3]
+    # r . e1 and (e1 x r) . m = r . (m x e1), per edge and head: one SDDMM, no [E, H, 3] gathers
+    dots = S.e_dot_v(topo, r, torch.cat([e1, torch.cross(mean_dir, e1, dim=-1)], 1)).view(E, 2, H)
     cos1, turn = dots[:, 0], dots[:, 1]
     valid2 = valid & (cos1.abs() < COLLINEAR_COS)
     penalty = torch.log((1.0 - cos1.abs()).clamp_min(1e-5))
     breakers = (turn,) if secondary is None else (secondary + penalty, turn)
-    i2, found2, tied2 = _segment_argmax(graph, score + penalty, valid2, breakers)
+    i2, found2, tied2 = _segment_argmax(topo, score + penalty, valid2, breakers)
     r2 = rhat[i2]
     e2 = _unit(r2 - (r2 * e1).sum(-1, keepdim=True) * e1)
     e2 = torch.where(found2.unsqueeze(-1), e2, _perpendicular(e1))
@@ -156,19 +140,19 @@ def _max_style_frames(graph, score: torch.Tensor, rhat: torch.Tensor, candidate:
     return torch.stack([e1, e2, e3], dim=2), tied1 | (tied2 & found2)
 
 
-def max_frames(graph, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor,
-               block=None):
+def max_frames(topo: S.Topology, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
+               weights: torch.Tensor):
     """``max`` frame from this layer's attention logits (and weights, for ties) [E, H]."""
-    return _max_style_frames(graph, logits, rhat, candidate, weights, block=block)
+    return _max_style_frames(topo, logits, rhat, candidate, weights)
 
 
-def static_local_frames(graph, dist_logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
-                        logits: torch.Tensor, weights: torch.Tensor, block=None):
+def static_local_frames(topo: S.Topology, dist_logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
+                        logits: torch.Tensor, weights: torch.Tensor):
     """``static_local`` frame: the ``max`` rule on the distance term -|r|^2/(2 sigma^2) alone.
     Equidistant neighbours of different species are common (Heusler, rocksalt second shells) and
     not symmetry-related, so distance ties are broken by the full attention logit, which sees
     species: the choice then does not depend on atom order."""
-    return _max_style_frames(graph, dist_logits, rhat, candidate, weights, secondary=logits, block=block)
+    return _max_style_frames(topo, dist_logits, rhat, candidate, weights, secondary=logits)
 
 
 def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: float = 1e-4):
@@ -184,25 +168,23 @@ def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: f
     return axes * sign.unsqueeze(-1), ambiguous
 
 
-def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
-                        logits: torch.Tensor, eig_tol: float = 1e-3, block=None):
+def weighted_pca_frames(topo: S.Topology, weights: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
+                        logits: torch.Tensor, eig_tol: float = 1e-3):
     """``weighted_pca`` frame from the attention weights [E, H] of this layer.
     Returns (frames, tied) where tied marks axes of arbitrary sign and the max-frame fallback's ties."""
-    N, (E, H) = graph.num_nodes(), weights.shape
-    if block is None:
-        block = edge_to_node_block(graph.edges()[1], N)
+    N, (E, H) = topo.num_nodes, weights.shape
     w = (weights * candidate.unsqueeze(-1)).unsqueeze(-1)  # [E, H, 1], self image excluded
     outer = (rhat.unsqueeze(-1) * rhat.unsqueeze(-2)).reshape(E, 1, 9)
-    cov = weighted_edge_sum(block, outer, w).reshape(N, H, 3, 3).double()
+    cov = S.edge_sum(topo, outer, w).reshape(N, H, 3, 3).double()
     evals, evecs = torch.linalg.eigh(cov)  # ascending; eigenvectors are the COLUMNS
     axes = evecs.flip(-1).transpose(-1, -2).to(weights.dtype)  # rows, largest eigenvalue first
     evals = evals.flip(-1)
 
     # orientation: towards the weighted mean direction, else by the weighted third moment
-    mean_dir = weighted_edge_sum(block, rhat.unsqueeze(1), w)  # [N, H, 3]
+    mean_dir = S.edge_sum(topo, rhat.unsqueeze(1), w)  # [N, H, 3]
     first = (axes * mean_dir.unsqueeze(2)).sum(-1)  # [N, H, 3]
-    proj = dglops.e_dot_v(graph, rhat.view(E, 1, 3), axes.reshape(N, H * 3, 3)).view(E, H, 3)
-    third = weighted_edge_sum(block, proj.pow(3), w)
+    proj = S.e_dot_v(topo, rhat.view(E, 1, 3), axes.reshape(N, H * 3, 3)).view(E, H, 3)
+    third = S.edge_sum(topo, proj.pow(3), w)
     axes, ambiguous = _orient(axes, first, third)
     e1, e2 = axes[:, :, 0], axes[:, :, 1]
     frames = torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=2)
@@ -212,31 +194,28 @@ def weighted_pca_frames(graph, weights: torch.Tensor, rhat: torch.Tensor, candid
     gaps = torch.stack([evals[..., 0] - evals[..., 1], evals[..., 1] - evals[..., 2]], -1) / scale.unsqueeze(-1)
     degenerate = (gaps < eig_tol).any(-1) | (evals[..., 0] < 1e-8)
     tied = ambiguous[..., :2].any(-1)
-    if degenerate.any():
-        fallback, fallback_tied = max_frames(graph, logits, rhat, candidate, weights, block)
+    if degenerate.any():  # one synchronisation per layer on a GPU, for a frame type that is rarely degenerate
+        fallback, fallback_tied = max_frames(topo, logits, rhat, candidate, weights)
         frames = torch.where(degenerate[..., None, None], fallback, frames)
         tied = torch.where(degenerate, fallback_tied, tied)
     return frames, tied
 
 
-def _per_node(graph, per_graph: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _per_node(topo: S.Topology, per_graph: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, ...] per structure -> [N, H, ...] per atom and head (a view, no copy over heads)."""
-    seg = torch.repeat_interleave(torch.arange(graph.batch_size, device=per_graph.device), graph.batch_num_nodes())
-    return per_graph[seg].unsqueeze(1).expand(-1, num_heads, *per_graph.shape[1:])
+    return S.per_graph_to_nodes(topo, per_graph).unsqueeze(1).expand(-1, num_heads, *per_graph.shape[1:])
 
 
-def pca_frames(graph, num_heads: int, pos_key: str = "pos", eig_tol: float = 1e-3):
+def pca_frames(topo: S.Topology, num_heads: int, pos_key: str = "pos", eig_tol: float = 1e-3):
     """``pca`` frame: principal axes of the unit-cell positions of each structure, oriented by
     their third moments.  Not cell-choice invariant, by construction (the paper's baseline).
     Where the spread is degenerate (one atom, collinear or coplanar-isotropic positions, cubic
     arrangements) the axes are arbitrary, so the ``lattice`` frame is used instead.
     Returns (frames [N, H, 3, 3], tied [N, H]: an axis of arbitrary sign)."""
-    if pos_key not in graph.ndata:
+    if not topo.has_node_data(pos_key):
         raise KeyError(f"the 'pca' frame needs Cartesian positions in graph.ndata[{pos_key!r}]")
-    pos = graph.ndata[pos_key].double()
-    counts = graph.batch_num_nodes()
-    seg = torch.repeat_interleave(torch.arange(len(counts), device=pos.device), counts)
-    B = len(counts)
+    pos = topo.node_data(pos_key).double()
+    counts, seg, B = topo.batch_num_nodes, topo.node_graph, topo.batch_size
     centre = torch.zeros(B, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, pos) / counts.unsqueeze(-1)
     x = pos - centre[seg]
     cov = torch.zeros(B, 3, 3, dtype=pos.dtype, device=pos.device).index_add_(0, seg, x.unsqueeze(-1) * x.unsqueeze(-2))
@@ -252,11 +231,12 @@ def pca_frames(graph, num_heads: int, pos_key: str = "pos", eig_tol: float = 1e-
     gaps = torch.stack([evals[:, 0] - evals[:, 1], evals[:, 1] - evals[:, 2]], -1) / scale.unsqueeze(-1)
     degenerate = (gaps < eig_tol).any(-1) | (evals[:, 0] < 1e-8)
     tied = ambiguous[:, :2].any(-1)
-    if degenerate.any():
-        lattice, lattice_tied = _lattice_axes(graph)
+    # the stored lattice frame costs nothing: take it without asking (no device synchronisation)
+    if topo.has_node_data("lattice_frame") or degenerate.any():
+        lattice, lattice_tied = _lattice_axes(topo)
         frames = torch.where(degenerate[:, None, None], lattice, frames)
         tied = torch.where(degenerate, lattice_tied, tied)
-    return _per_node(graph, frames, num_heads), _per_node(graph, tied, num_heads)
+    return _per_node(topo, frames, num_heads), _per_node(topo, tied, num_heads)
 
 
 _OFFSETS = torch.stack(torch.meshgrid(*[torch.arange(-3, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -330,50 +310,50 @@ def lattice_axes(lattice: torch.Tensor, rvec=None, weight=None):
     return (-axes if torch.linalg.det(axes) < 0 else axes), tied1 or tied2 or tied3
 
 
-def _lattice_axes(graph):
+def _lattice_axes(topo: S.Topology):
     """([B, 3, 3] float64 lattice frame, [B] tied) per structure of a batch: the ones graph.py
     stored (``ndata["lattice_frame"]``), else from the lattice alone (see ``lattice_axes``)."""
-    counts = graph.batch_num_nodes()
+    counts = topo.batch_num_nodes
     first = torch.cumsum(counts, 0) - counts  # first node of each graph
-    if "lattice_frame" in graph.ndata:
-        return graph.ndata["lattice_frame"][first].double(), graph.ndata["lattice_tied"][first].bool()
-    key = "prim_lattice" if "prim_lattice" in graph.ndata else "lattice"
-    if key not in graph.ndata:
+    if topo.has_node_data("lattice_frame"):
+        return topo.node_data("lattice_frame")[first].double(), topo.node_data("lattice_tied")[first].bool()
+    key = "prim_lattice" if topo.has_node_data("prim_lattice") else "lattice"
+    if not topo.has_node_data(key):
         raise KeyError("the 'lattice' frame needs graph.ndata['lattice'] (rows = lattice vectors)")
-    frames, tied = zip(*(lattice_axes(lat) for lat in graph.ndata[key][first]))
-    return torch.stack(frames), torch.tensor(tied, device=graph.device)
+    frames, tied = zip(*(lattice_axes(lat) for lat in topo.node_data(key)[first]))
+    return torch.stack(frames), torch.tensor(tied, device=topo.device)
 
 
-def lattice_frames(graph, num_heads: int):
+def lattice_frames(topo: S.Topology, num_heads: int):
     """``lattice`` frame: unit vectors of short primitive lattice vectors (not orthogonalised).
     Returns (frames [N, H, 3, 3], tied [N, H])."""
-    frames, tied = _lattice_axes(graph)
-    return _per_node(graph, frames, num_heads), _per_node(graph, tied, num_heads)
+    frames, tied = _lattice_axes(topo)
+    return _per_node(topo, frames, num_heads), _per_node(topo, tied, num_heads)
 
 
 @torch.no_grad()
-def compute_frames(kind: str, graph, rhat: torch.Tensor, candidate: torch.Tensor, logits: torch.Tensor,
-                   weights: torch.Tensor, dist_logits: torch.Tensor, block=None):
+def compute_frames(kind: str, topo: S.Topology, rhat: torch.Tensor, candidate: torch.Tensor, logits: torch.Tensor,
+                   weights: torch.Tensor, dist_logits: torch.Tensor):
     """Dispatch on the frame type.  Returns ``(frames, tied)``: frames [N, H, 3, 3] (rows = axes)
     and tied [N, H] bool (the choice of e1 or e2 was a tie), or ``(None, None)`` for ``none``.
 
-    rhat: [E, 3] unit displacement (0 for the self image); candidate: [E] bool (not the self image);
-    logits, weights, dist_logits: [E, H] attention logits, softmax weights, and the distance-only
-    part of the logits; block: ``edge_to_node_block(dst, N)`` when the caller has it (built otherwise).
+    topo: the batch's ``sparse.Topology``; rhat: [E, 3] unit displacement (0 for the self image);
+    candidate: [E] bool (not the self image); logits, weights, dist_logits: [E, H] attention
+    logits, softmax weights, and the distance-only part of the logits.
     """
     H = logits.shape[1]
     if kind == "none":
         return None, None
     if kind == "max":
-        return max_frames(graph, logits, rhat, candidate, weights, block)
+        return max_frames(topo, logits, rhat, candidate, weights)
     if kind == "static_local":
-        return static_local_frames(graph, dist_logits, rhat, candidate, logits, weights, block)
+        return static_local_frames(topo, dist_logits, rhat, candidate, logits, weights)
     if kind == "weighted_pca":
-        return weighted_pca_frames(graph, weights, rhat, candidate, logits, block=block)
+        return weighted_pca_frames(topo, weights, rhat, candidate, logits)
     if kind == "pca":
-        frames, tied = pca_frames(graph, H)
+        frames, tied = pca_frames(topo, H)
         return frames.to(rhat.dtype), tied
     if kind == "lattice":
-        frames, tied = lattice_frames(graph, H)
+        frames, tied = lattice_frames(topo, H)
         return frames.to(rhat.dtype), tied
     check_frame_type(kind)

@@ -52,13 +52,16 @@ def _sync_threads():
         numba.set_num_threads(n)
 
 
-def histogram(indptr: torch.Tensor, cos: torch.Tensor, weight: torch.Tensor, sym: torch.Tensor, n0: int, n1: int,
-              half: int, S: int, M: int) -> torch.Tensor:
+def histogram(indptr: torch.Tensor, cos: torch.Tensor, weight: torch.Tensor, sym: torch.Tensor, chunk, half: int,
+              S: int, M: int, mirror_axes=(0, 1, 2)) -> torch.Tensor:
     """-> hist [H, n1 - n0, 3 * S * M] for the atoms n0..n1-1 (head-major, for a batched matmul per head).
 
-    indptr: [N + 1] int64 edge offsets; cos: [E, H, 3]; weight: [E, H] (a zero weight adds nothing);
+    indptr: [N + 1] int64 edge offsets; chunk: (n0, n1, e0, e1), the atoms and their edge range
+    indptr[n0]..indptr[n1]; cos: [E, H, 3]; weight: [E, H] (a zero weight adds nothing);
     sym: [N, H, 3] bool, where the feature is symmetrised over c -> -c: each cosine then adds
-    half its weight at c and half at -c."""
+    half its weight at c and half at -c.  ``mirror_axes``: the only axes where ``sym`` can be set
+    (the torch version computes mirror images for those alone)."""
+    n0, n1, e0, e1 = chunk
     H = cos.shape[1]
     if _use_numba(cos):
         hist = cos.new_empty(H * (n1 - n0) * 3 * S * M)  # the kernel zeroes its own rows
@@ -66,35 +69,34 @@ def histogram(indptr: torch.Tensor, cos: torch.Tensor, weight: torch.Tensor, sym
         _hist_numba(indptr.numpy(), cos.detach().numpy(), weight.detach().numpy(), sym.numpy(), n0, n1, float(half), S,
                     M, hist.numpy())
         return hist.view(H, n1 - n0, 3 * S * M)
-    (idx, mom), (pair, idx_m, mom_m) = _taps(indptr, cos, sym, n0, n1, half, S, M)
-    w = weight[int(indptr[n0]):int(indptr[n1])]
+    w = weight[e0:e1].unsqueeze(-1).unsqueeze(-1)
     hist = cos.new_zeros(H * (n1 - n0) * 3 * S, M)
-    hist.index_add_(0, idx.view(-1), (mom * w[:, :, None, None]).view(-1, M))
-    hist.index_add_(0, idx_m, mom_m * w.reshape(-1)[pair].unsqueeze(-1))
+    for idx, mom in _taps(indptr, cos, sym, chunk, half, S, M, mirror_axes):
+        hist.index_add_(0, idx.reshape(-1), (mom * w).reshape(-1, M))
     return hist.view(H, n1 - n0, 3 * S * M)
 
 
 def histogram_transpose(indptr: torch.Tensor, cos: torch.Tensor, sym: torch.Tensor, grad_hist: torch.Tensor,
-                        n0: int, n1: int, half: int, S: int, M: int, grad_weight: torch.Tensor) -> None:
-    """grad_weight[e, h] = d(sum(grad_hist * hist)) / d weight[e, h] for the edges of atoms n0..n1-1,
-    written in place.  grad_hist: [H, n1 - n0, 3 * S * M] as ``histogram`` returns."""
+                        chunk, half: int, S: int, M: int, grad_weight: torch.Tensor, mirror_axes=(0, 1, 2)) -> None:
+    """grad_weight[e, h] = d(sum(grad_hist * hist)) / d weight[e, h] for the edges of the chunk's
+    atoms, written in place.  grad_hist: [H, n1 - n0, 3 * S * M] as ``histogram`` returns."""
+    n0, n1, e0, e1 = chunk
     if _use_numba(cos):
         _sync_threads()
         _hist_t_numba(indptr.numpy(), cos.detach().numpy(), sym.numpy(), n0, n1, float(half), S, M,
                       grad_hist.detach().contiguous().view(-1).numpy(), grad_weight.detach().numpy())
         return
-    (idx, mom), (pair, idx_m, mom_m) = _taps(indptr, cos, sym, n0, n1, half, S, M)
     flat = grad_hist.reshape(-1, M)
-    grad = (flat[idx] * mom).sum((-1, -2))
-    grad.view(-1).index_add_(0, pair, (flat[idx_m] * mom_m).sum(-1))
-    grad_weight[int(indptr[n0]):int(indptr[n1])] = grad
+    grad_weight[e0:e1] = sum((flat[idx] * mom).sum((-1, -2)) for idx, mom in _taps(indptr, cos, sym, chunk, half, S, M,
+                                                                                  mirror_axes))
 
 
-def _taps(indptr, cos, sym, n0: int, n1: int, half: int, S: int, M: int):
-    """torch version, for the edges of atoms n0..n1-1: flat histogram rows (row * S + segment) [e, H, 3]
-    and moments [e, H, 3, M] of each cosine (weight 1/2 where ``sym``), and for the symmetrised
-    ones only, the mirror -c: (the (edge, head) pair [K] flat over [e, H], rows [K], moments [K, M])."""
-    e0, e1 = int(indptr[n0]), int(indptr[n1])
+def _taps(indptr, cos, sym, chunk, half: int, S: int, M: int, mirror_axes):
+    """torch version, for the edges of the chunk: [(flat histogram rows (row * S + segment) [e, H, k],
+    moments [e, H, k, M])] for each cosine (weight 1/2 where ``sym``) and, for the axes in
+    ``mirror_axes``, its mirror image -c (weight 1/2 where ``sym``, else 0).  Dense, so that no
+    size depends on the data (no device synchronisation on a GPU)."""
+    n0, n1, e0, e1 = chunk
     cos = cos[e0:e1]
     E, H, _ = cos.shape
     counts = indptr[n0 + 1:n1 + 1] - indptr[n0:n1]
@@ -103,12 +105,14 @@ def _taps(indptr, cos, sym, n0: int, n1: int, half: int, S: int, M: int):
     k = torch.arange(3, device=cos.device).view(1, 1, 3)
     row = ((h * (n1 - n0) + local.view(E, 1, 1)) * 3 + k) * S  # [E, H, 3]
     powers = torch.arange(M, device=cos.device, dtype=cos.dtype)
-    symm = sym[n0:n1][local]  # [E, H, 3]
+    half_w = 0.5 * sym[n0:n1][local].to(cos.dtype)  # [E, H, 3]: 1/2 where symmetrised, else 0
     s, t = B.angle_segments(cos, half)
-    mom = t.unsqueeze(-1) ** powers * (1.0 - 0.5 * symm.to(cos.dtype)).unsqueeze(-1)
-    which = symm.reshape(-1).nonzero().squeeze(-1)  # flat over [E, H, 3]
-    s_m, t_m = B.angle_segments(-cos.reshape(-1)[which], half)
-    return (row + s, mom), (which // 3, row.reshape(-1)[which] + s_m, 0.5 * t_m.unsqueeze(-1) ** powers)
+    taps = [(row + s, t.unsqueeze(-1) ** powers * (1.0 - half_w).unsqueeze(-1))]
+    if mirror_axes:
+        ax = list(mirror_axes)
+        s_m, t_m = B.angle_segments(-cos[:, :, ax], half)
+        taps.append((row[:, :, ax] + s_m, t_m.unsqueeze(-1) ** powers * half_w[:, :, ax].unsqueeze(-1)))
+    return taps
 
 
 if numba is not None:

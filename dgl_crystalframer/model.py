@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import basis as B
-from ._dgl import dgl
+from . import sparse as S
 from .graph import NUM_SPECIES
 from .nn import CrystalFramerConv, edge_geometry
 
@@ -40,8 +40,10 @@ class CrystalFramerBlock(nn.Module):
 class CrystalFramer(nn.Module):
     """CrystalFramer / Crystalformer regressor: ``model(batched_graph) -> [B]`` (one value per crystal).
 
-    The graph is what :func:`dgl_crystalframer.build_graph` returns (or a ``dgl.batch`` of them):
-    ``ndata[species_key]`` [N, 98] occupancy-weighted one-hots, ``edata[rvec_key]`` [E, 3].
+    The graph is what :func:`dgl_crystalframer.build_graph` returns (or a ``dgl.batch`` of them, or
+    the same as a :class:`~dgl_crystalframer.batch.CrystalBatch`): ``ndata[species_key]`` [N, 98]
+    occupancy-weighted one-hots, ``edata[rvec_key]`` [E, 3].  The model runs where its parameters
+    are; the graph may be on the CPU (``sparse`` picks the backend for the parameters' device).
     ``model.config`` rebuilds the same architecture: ``CrystalFramer(**model.config)``.
     """
 
@@ -93,23 +95,25 @@ class CrystalFramer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def node_features(self, graph) -> torch.Tensor:
-        """Per-atom features after the last block, [N, d]."""
+    def _features(self, graph):
         if self.species_key not in graph.ndata:
             raise KeyError(f"graph.ndata has no {self.species_key!r} (occupancy-weighted one-hots [N, 98]); "
                            "build graphs with dgl_crystalframer.build_graph")
-        x = self.embedding(graph.ndata[self.species_key].to(self.embedding.weight.dtype))
-        rvec = graph.edata[self.rvec_key].to(x.dtype)
+        weight = self.embedding.weight
+        x = self.embedding(graph.ndata[self.species_key].to(weight.device, weight.dtype, non_blocking=True))
+        rvec = graph.edata[self.rvec_key].to(weight.device, weight.dtype, non_blocking=True)
         geometry = edge_geometry(graph, rvec, self.num_dist_basis, self.dist_basis_rmax)  # shared by all layers
         for block in self.blocks:
             x = block(graph, x, geometry)
-        return x
+        return x, geometry.topo
+
+    def node_features(self, graph) -> torch.Tensor:
+        """Per-atom features after the last block, [N, d]."""
+        return self._features(graph)[0]
 
     def forward(self, graph) -> torch.Tensor:
-        x = self.node_features(graph)
-        with graph.local_scope():
-            graph.ndata["_h"] = x
-            pooled = dgl.mean_nodes(graph, "_h")  # mean over unit-cell atoms: [B, d]
+        x, topo = self._features(graph)
+        pooled = S.graph_mean(topo, x)  # mean over unit-cell atoms: [B, d]
         return self.head(pooled).squeeze(-1)
 
 

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from . import basis as B
 from . import kernels as K
-from ._dgl import dglops, edge_softmax
-from .frames import (CANDIDATE_MIN_D2, SYMMETRISED_AXES, check_frame_type, compute_frames, edge_to_node_block,
-                     weighted_edge_sum)
+from . import sparse as S
+from .frames import CANDIDATE_MIN_D2, SYMMETRISED_AXES, check_frame_type, compute_frames
 
 
 class EdgeGeometry(NamedTuple):
@@ -29,45 +28,41 @@ class EdgeGeometry(NamedTuple):
     rhat: torch.Tensor  # [E, 3] r / |r| (0 for the self image)
     candidate: torch.Tensor  # [E] bool, not the self image
     dist_basis: torch.Tensor  # [E, K] b_dist(|r|)
-    block: object  # DGL block edge -> destination atom, for the fused per-atom sums
-    order: Optional[torch.Tensor]  # [E] edges sorted by destination, None if they already are
-    indptr: torch.Tensor  # [N + 1] where each destination atom's edges start, in that order
+    topo: S.Topology  # the edges grouped by destination atom, on the device, with the sparse backend
 
 
 def edge_geometry(graph, rvec: torch.Tensor, num_dist_basis: int = B.DIST_BASIS_SIZE,
-                  dist_basis_rmax: float = B.DIST_BASIS_RMAX) -> EdgeGeometry:
+                  dist_basis_rmax: float = B.DIST_BASIS_RMAX, topo: Optional[S.Topology] = None) -> EdgeGeometry:
     """Compute what depends only on the graph and the displacement vectors, once per batch (no
-    gradient: the bases are functions of the geometry, which is an input)."""
+    gradient: the bases are functions of the geometry, which is an input).  ``rvec``'s device
+    is where the model runs; the graph may live elsewhere (a CPU DGLGraph with CUDA features)."""
     rvec = rvec.detach()
+    if topo is None:
+        topo = S.Topology.of(graph, rvec.device)
     dist2 = (rvec * rvec).sum(-1)
     candidate = dist2 > CANDIDATE_MIN_D2
     dist = dist2.sqrt()
     rhat = torch.where(candidate.unsqueeze(-1), rvec / dist.clamp_min(1e-12).unsqueeze(-1), torch.zeros_like(rvec))
-    dst = graph.edges()[1]
-    N = graph.num_nodes()
-    unsorted = bool((dst[1:] < dst[:-1]).any())  # the angular histogram chunks need edges grouped by atom
-    indptr = torch.cat([dst.new_zeros(1), torch.cumsum(torch.bincount(dst, minlength=N), 0)])
-    return EdgeGeometry(dist2, rhat, candidate, B.gaussian_distance_basis(dist, num_dist_basis, dist_basis_rmax),
-                        edge_to_node_block(dst, N), torch.argsort(dst, stable=True) if unsorted else None, indptr)
+    return EdgeGeometry(dist2, rhat, candidate, B.gaussian_distance_basis(dist, num_dist_basis, dist_basis_rmax), topo)
 
 
 class _DistAggregate(torch.autograd.Function):
-    """A[i, h, :] = sum_{e -> i} w[e, h] * b_dist[e, :]  ->  [N, H, K]  (block: edge -> atom).
+    """A[i, h, :] = sum_{e -> i} w[e, h] * b_dist[e, :]  ->  [N, H, K].
 
-    Forward is DGL's broadcasting SpMM.  Backward needs only dL/dw (the basis is a constant), as
-    one fused SDDMM dot product; DGL's generic backward would form [E, H, K] and sum it (4x slower).
+    Forward is a broadcasting SpMM (``sparse.edge_sum``).  Backward needs only dL/dw (the basis is
+    a constant), as one SDDMM dot product; a generic backward would form [E, H, K] and sum it.
     """
 
     @staticmethod
-    def forward(ctx, block, basis, weight):
-        ctx.block = block
+    def forward(ctx, topo, basis, weight):
+        ctx.topo = topo
         ctx.save_for_backward(basis)
-        return weighted_edge_sum(block, basis.unsqueeze(1), weight.unsqueeze(-1))
+        return S.edge_sum(topo, basis.unsqueeze(1), weight.unsqueeze(-1))
 
     @staticmethod
     def backward(ctx, grad_out):
         (basis,) = ctx.saved_tensors
-        grad_w = dglops.gsddmm(ctx.block, "dot", basis.unsqueeze(1), grad_out.contiguous(), "u", "v")
+        grad_w = S.e_dot_v(ctx.topo, basis.unsqueeze(1), grad_out.contiguous())
         return None, None, grad_w.squeeze(-1)
 
 
@@ -89,41 +84,49 @@ class _AngularAggregate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, indptr, cos, weight, sym, proj, half, hist_budget):
+    def forward(ctx, indptr, cos, weight, sym, proj, half, hist_budget, mirror_axes=(0, 1, 2)):
         N, H = indptr.shape[0] - 1, cos.shape[1]
         SM, dh = proj.shape[2], proj.shape[3]  # proj: [H, 3, S*M, d_head]
         S, M = 2 * half, SM // (2 * half)
         cos, weight, sym = cos.contiguous(), weight.contiguous(), sym.contiguous()
         proj = proj.reshape(H, 3 * SM, dh)
         out = cos.new_empty(N, H, dh)
-        chunks = _node_chunks(N, hist_budget // (H * 3 * SM))
+        chunks = _node_chunks(indptr, cos.shape[0], hist_budget // (H * 3 * SM))
         hists = []
-        for n0, n1 in chunks:
-            hist = K.histogram(indptr, cos, weight, sym, n0, n1, half, S, M)  # [H, n, 3*S*M]
-            out[n0:n1] = torch.bmm(hist, proj).transpose(0, 1)
+        for chunk in chunks:
+            hist = K.histogram(indptr, cos, weight, sym, chunk, half, S, M, mirror_axes)  # [H, n, 3*S*M]
+            out[chunk[0]:chunk[1]] = torch.bmm(hist, proj).transpose(0, 1)
             hists.append(hist)
         ctx.hists = hists  # intermediates, not inputs or outputs: no save_for_backward needed
         ctx.save_for_backward(indptr, cos, sym, proj)
-        ctx.meta = (half, S, M, chunks)
+        ctx.meta = (half, S, M, chunks, mirror_axes)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         indptr, cos, sym, proj = ctx.saved_tensors
-        half, S, M, chunks = ctx.meta
+        half, S, M, chunks, mirror_axes = ctx.meta
         grad_w = cos.new_empty(cos.shape[:2])
         grad_proj = torch.zeros_like(proj)
-        for (n0, n1), hist in zip(chunks, ctx.hists):
-            g = grad_out[n0:n1].transpose(0, 1)  # [H, n, d_head]
-            K.histogram_transpose(indptr, cos, sym, torch.bmm(g, proj.transpose(1, 2)), n0, n1, half, S, M, grad_w)
+        for chunk, hist in zip(chunks, ctx.hists):
+            g = grad_out[chunk[0]:chunk[1]].transpose(0, 1)  # [H, n, d_head]
+            K.histogram_transpose(indptr, cos, sym, torch.bmm(g, proj.transpose(1, 2)), chunk, half, S, M, grad_w,
+                                  mirror_axes)
             grad_proj.baddbmm_(hist.transpose(1, 2), g)
-        return None, None, grad_w, None, grad_proj.view(proj.shape[0], 3, S * M, -1), None, None
+        return None, None, grad_w, None, grad_proj.view(proj.shape[0], 3, S * M, -1), None, None, None
 
 
-def _node_chunks(num_nodes: int, nodes_per_chunk: int):
-    """[(n0, n1)] atom ranges of at most ``nodes_per_chunk`` (>= 1) atoms."""
+def _node_chunks(indptr: torch.Tensor, num_edges: int, nodes_per_chunk: int):
+    """[(n0, n1, e0, e1)]: ranges of at most ``nodes_per_chunk`` (>= 1) atoms and their edges.
+    On a GPU one chunk holds everything (the histograms fit, and chunk bounds would have to be
+    read back from the device)."""
+    num_nodes = indptr.shape[0] - 1
+    if indptr.device.type != "cpu":
+        return [(0, num_nodes, 0, num_edges)]
     step = max(1, nodes_per_chunk)
-    return [(n0, min(num_nodes, n0 + step)) for n0 in range(0, num_nodes, step)]
+    starts = list(range(0, num_nodes, step))
+    bounds = indptr[starts + [num_nodes]].tolist()
+    return [(n0, min(num_nodes, n0 + step), bounds[k], bounds[k + 1]) for k, n0 in enumerate(starts)]
 
 
 class CrystalFramerConv(nn.Module):
@@ -224,8 +227,9 @@ class CrystalFramerConv(nn.Module):
                 raise ValueError(f"num_angle_basis must be >= 2, got {num_angle_basis}")
             table, self.angle_half = B.angle_basis_table(num_angle_basis, angle_basis_width)
             self.register_buffer("angle_table", table.float(), persistent=False)  # follows .to(device/dtype)
+            self.mirror_axes = tuple(SYMMETRISED_AXES.get(frame, (2,)))
             axes = torch.zeros(3, dtype=torch.bool)
-            axes[list(SYMMETRISED_AXES.get(frame, (2,)))] = True
+            axes[list(self.mirror_axes)] = True
             self.register_buffer("symmetrised_axes", axes, persistent=False)
         else:
             self.register_parameter("angle_proj", None)
@@ -249,6 +253,7 @@ class CrystalFramerConv(nn.Module):
         self.sigma_shift.zero_()
         self.sigma_scale.fill_(1.0)
         self.sigma_initialized.fill_(False)
+        self._sigma_ready = False
 
     def extra_repr(self) -> str:
         return (f"in_feats={self.in_feats}, num_heads={self.num_heads}, frame={self.frame!r}, "
@@ -257,40 +262,47 @@ class CrystalFramerConv(nn.Module):
     def _sigma_inv2(self, q: torch.Tensor) -> torch.Tensor:
         """1 / (2 sigma^2) per atom and head, [N, H]."""
         s = (q * self.sigma_weight).sum(-1)  # [N, H], q includes its bias, before 1/sqrt(d_head)
-        if self.training and not bool(self.sigma_initialized):
+        # the buffer is read once (a GPU synchronisation), then remembered on the Python side
+        if self.training and not self._sigma_ready and not bool(self.sigma_initialized):
             with torch.no_grad():
                 self.sigma_shift.copy_(-s.mean())
                 self.sigma_scale.copy_(1.0 / s.std(unbiased=False).clamp_min(1e-6))
                 self.sigma_initialized.fill_(True)
+        self._sigma_ready = self._sigma_ready or self.training
         x = (s + self.sigma_shift) * self.sigma_scale
         rho = (1 - self.b) * F.elu(self.beta * x / (1 - self.b)) + 1.0
         return rho / (2 * self.r0 ** 2)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sigma_ready = False  # read the loaded sigma_initialized again
+
     def _attention(self, graph, feat: torch.Tensor, rvec: Optional[torch.Tensor], geometry: Optional[EdgeGeometry]):
         """Values, attention logits / weights and the frames: everything before aggregation."""
-        if rvec is None:
+        if rvec is None and geometry is None:
             if self.rvec_key not in graph.edata:
                 raise KeyError(f"CrystalFramerConv: graph.edata has no {self.rvec_key!r}; pass rvec= or set rvec_key "
                                f"(edata keys: {list(graph.edata.keys())})")
             rvec = graph.edata[self.rvec_key]
-        if rvec.shape != (graph.num_edges(), 3):
+        if rvec is not None and rvec.shape != (graph.num_edges(), 3):
             raise ValueError(f"rvec must be [num_edges={graph.num_edges()}, 3], got {tuple(rvec.shape)}")
         if feat.shape != (graph.num_nodes(), self.in_feats):
             raise ValueError(f"feat must be [num_nodes={graph.num_nodes()}, in_feats={self.in_feats}], got {tuple(feat.shape)}")
         if geometry is None:
-            geometry = edge_geometry(graph, rvec.to(feat.dtype), self.num_dist_basis, self.dist_basis_rmax)
+            geometry = edge_geometry(graph, rvec.to(feat.device, feat.dtype), self.num_dist_basis, self.dist_basis_rmax)
+        topo = geometry.topo
         N, H, dh = feat.shape[0], self.num_heads, self.head_dim
         q = self.fc_q(feat).view(N, H, dh)
         k = self.fc_k(feat).view(N, H, dh)
         v = self.fc_v(feat).view(N, H, dh)
         inv2 = self._sigma_inv2(q)  # [N, H]
-        dist_logits = -dglops.e_mul_v(graph, geometry.dist2.unsqueeze(-1), inv2)  # [E, H]
-        logits = dglops.u_dot_v(graph, k, q).squeeze(-1) / math.sqrt(dh) + dist_logits
-        weights = edge_softmax(graph, logits)  # [E, H]
+        dist_logits = -S.e_mul_v(topo, geometry.dist2.unsqueeze(-1), inv2)  # [E, H]
+        logits = S.u_dot_v(topo, k, q).squeeze(-1) / math.sqrt(dh) + dist_logits
+        weights = S.edge_softmax(topo, logits)  # [E, H]
         frames = tied = None
         if self.angle_proj is not None:
-            frames, tied = compute_frames(self.frame, graph, geometry.rhat, geometry.candidate,
-                                          logits.detach(), weights.detach(), dist_logits.detach(), geometry.block)
+            frames, tied = compute_frames(self.frame, topo, geometry.rhat, geometry.candidate,
+                                          logits.detach(), weights.detach(), dist_logits.detach())
         return geometry, v, weights, frames, tied
 
     @torch.no_grad()
@@ -303,30 +315,33 @@ class CrystalFramerConv(nn.Module):
     def forward(self, graph, feat: torch.Tensor, rvec: Optional[torch.Tensor] = None,
                 get_attention: bool = False, geometry: Optional[EdgeGeometry] = None):
         """feat: [N, d]; rvec: [E, 3] or None (read ``graph.edata[rvec_key]``); geometry: shared
-        per-batch edge quantities (``edge_geometry(graph, rvec)``), computed here when not given."""
+        per-batch edge quantities (``edge_geometry(graph, rvec)``), computed here when not given.
+        ``graph`` is a DGLGraph or a :class:`~dgl_crystalframer.batch.CrystalBatch`; it may live on
+        another device than ``feat`` (the computation runs on ``feat``'s, see ``sparse``)."""
         with graph.local_scope():
             geometry, v, weights, frames, tied = self._attention(graph, feat, rvec, geometry)
+            topo = geometry.topo
             N, H, dh = v.shape
             w = weights.unsqueeze(-1)
-            y = dglops.u_mul_e_sum(graph, v, w)  # [N, H, dh]
-            agg_dist = _DistAggregate.apply(geometry.block, geometry.dist_basis, weights)  # [N, H, K]
+            y = S.u_mul_e_sum(topo, v, w)  # [N, H, dh]
+            agg_dist = _DistAggregate.apply(topo, geometry.dist_basis, weights)  # [N, H, K]
             w0 = self.dist_proj.view(H, dh, self.num_dist_basis)
             y = y + self.c_dist * torch.einsum("nhk,hdk->nhd", agg_dist, w0)
 
             if frames is not None:
-                # cos[e, h, k] = e_k(dst(e), h) . rhat_e, 0 for the self image (a fused SDDMM)
+                # cos[e, h, k] = e_k(dst(e), h) . rhat_e, 0 for the self image (an SDDMM)
                 E = geometry.rhat.shape[0]
-                cos = dglops.e_dot_v(graph, geometry.rhat.view(E, 1, 3), frames.reshape(N, H * 3, 3)).view(E, H, 3)
+                cos = S.e_dot_v(topo, geometry.rhat.view(E, 1, 3), frames.reshape(N, H * 3, 3)).view(E, H, 3)
                 w_ang = weights * geometry.candidate.unsqueeze(-1)  # the self image has no direction
-                if geometry.order is not None:
-                    cos, w_ang = cos[geometry.order], w_ang[geometry.order]
+                if topo.order is not None:
+                    cos, w_ang = cos[topo.order], w_ang[topo.order]
                 # tied frame choices differ at most by the signs of some cosines (frames.py):
                 # the features of those axes are symmetrised over c -> -c there
                 sym = tied.unsqueeze(-1) & self.symmetrised_axes  # [N, H, 3]
                 wk = self.angle_proj.view(3, H, dh, self.num_angle_basis)
                 proj = torch.einsum("xm,khdm->hkxd", self.angle_table.flatten(0, 1), wk)  # [H, 3, S*M, dh]
-                y = y + self.c_angl * _AngularAggregate.apply(geometry.indptr, cos, w_ang, sym, proj,
-                                                              self.angle_half, self.hist_budget)
+                y = y + self.c_angl * _AngularAggregate.apply(topo.indptr, cos, w_ang, sym, proj, self.angle_half,
+                                                              self.hist_budget, self.mirror_axes)
 
             out = self.fc_out(y.reshape(N, H * dh))
             if get_attention:

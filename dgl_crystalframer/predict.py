@@ -23,7 +23,9 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import sparse
 from ._dgl import dgl, resolve_device
+from .batch import to_device
 
 # Folder entries that are read as structures (files named on the command line are always tried).
 STRUCTURE_SUFFIXES = {".cif", ".mcif", ".vasp", ".poscar", ".json", ".xsf", ".cssr"}
@@ -56,10 +58,13 @@ def expand_inputs(inputs: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str
 class Predictor:
     """A trained model from a checkpoint of :mod:`dgl_crystalframer.training`, ready to predict."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", batch_size: int = 64):
+    def __init__(self, checkpoint: str, device: str = "auto", batch_size: int = 64, backend: Optional[str] = None):
         from .training import load_checkpoint
 
         self.device = resolve_device(device)
+        if backend is not None:
+            sparse.set_backend(backend)
+        self.backend = sparse.select_backend(self.device)
         self.model, self.meta = load_checkpoint(checkpoint, device=self.device)
         self.batch_size = int(batch_size)
         norm = self.meta["normalizer"]
@@ -74,7 +79,7 @@ class Predictor:
         self.model.eval()
         out: List[np.ndarray] = []
         for i in range(0, len(graphs), self.batch_size):
-            bg = dgl.batch(list(graphs[i:i + self.batch_size])).to(self.device)
+            bg = to_device(dgl.batch(list(graphs[i:i + self.batch_size])), self.device)
             y = self.model(bg).reshape(-1).double().cpu().numpy()
             out.append(y * self.std + self.mean)
         return np.concatenate(out) if out else np.zeros(0)
@@ -116,12 +121,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by training (swa.pt, best.pt or last.pt)")
     p.add_argument("--out", "-o", help="also write the predictions to this CSV file")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--backend", choices=("auto", "dgl", "torch"), default=None,
+                   help="sparse operations: DGL's kernels or plain PyTorch (default: auto)")
     p.add_argument("--batch-size", type=int, default=64, help="crystals per inference batch (default 64)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        predictor = Predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+        predictor = Predictor(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -46,7 +46,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from . import sparse
 from ._dgl import resolve_device
+from .batch import collate_for, to_device
 from .basis import default_cutoff
 from .frames import FRAME_TYPES as FRAMES
 from .model import PRESETS as _MODEL_PRESETS, build_model
@@ -74,7 +76,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 MODEL_FIELDS = ("frame", "num_layers", "dim", "num_heads", "ffn_dim", "num_angle_basis", "angle_basis_width",
                 "c_dist", "c_angl", "dropout")
 # Fields that may differ between an interrupted run and its resumption.
-RUNTIME_FIELDS = ("device", "threads", "num_workers", "out_dir", "resume", "progress", "plots", "data_dir",
+RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "progress", "plots", "data_dir",
                   "cache_dir")
 
 
@@ -134,6 +136,7 @@ class TrainConfig:
     seed: int = 123
     # runtime
     device: str = "auto"
+    backend: str = "auto"  # sparse operations: auto | dgl | torch (dgl_crystalframer.sparse)
     threads: Optional[int] = None
     num_workers: int = 0
     out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
@@ -224,6 +227,8 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers (got {self.betas})")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.backend not in ("auto",) + sparse.BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}: use auto, dgl or torch")
 
     def model_kwargs(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
@@ -544,6 +549,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
             self.device = device
+        sparse.set_backend(cfg.backend)
+        self.backend = sparse.select_backend(self.device)
         seed_everything(cfg.seed)
 
         splits = self._data if self._data is not None else self._load_data()
@@ -563,9 +570,9 @@ class Trainer:
         self.unit = str(info.get("unit") or "")
         self.cutoff = float(info.get("cutoff") or cfg.cutoff or default_cutoff())
 
-        from .data import collate
-
-        self.collate = collate
+        # DataLoader workers batch on CPU; the torch backend gets plain tensors (pinned for a GPU)
+        self.collate = collate_for(self.device, self.backend)
+        self.pin_memory = self.device.type == "cuda"
         model = build_model(cfg.model_kwargs(), cfg.model_preset)
         self.cfg.frame = model.config.get("frame", cfg.frame)
         model.to(self.device)
@@ -655,7 +662,8 @@ class Trainer:
         gen = torch.Generator()
         gen.manual_seed(cfg.seed + epoch)
         loader = DataLoader(self.train_ds, batch_size=self.per_rank_batch, sampler=self.sampler,
-                            collate_fn=self.collate, num_workers=cfg.num_workers, generator=gen)
+                            collate_fn=self.collate, num_workers=cfg.num_workers, generator=gen,
+                            pin_memory=self.pin_memory)
         self.ddp.train()
         from tqdm.auto import tqdm
 
@@ -666,18 +674,18 @@ class Trainer:
         n_seen = 0
         t0 = time.perf_counter()
         for bg, y in loader:
-            bg = bg.to(self.device)
-            y = y.to(self.device).reshape(len(y), -1)[:, 0].float()
+            bg = to_device(bg, self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True).reshape(len(y), -1)[:, 0].float()
             yn = (y - self.mean) / self.std
             pred = self.ddp(bg).reshape(-1)
             loss = F.l1_loss(pred, yn)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
-            loss_v = float(loss.detach())
-            if not math.isfinite(loss_v) or not bool(torch.isfinite(gnorm)):
+            loss_v, gnorm_v = torch.stack([loss.detach(), gnorm.to(loss.dtype)]).tolist()  # one device sync a step
+            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
                 raise FloatingPointError(
-                    f"non-finite training loss ({loss_v}) or gradient norm ({float(gnorm)}) at epoch {epoch + 1}, "
+                    f"non-finite training loss ({loss_v}) or gradient norm ({gnorm_v}) at epoch {epoch + 1}, "
                     f"step {self.step + 1} (lr {self.lr_at(self.step):.3g}); try a smaller lr or check the targets")
             lr = self.lr_at(self.step)
             for group in self.optimizer.param_groups:
@@ -711,14 +719,13 @@ class Trainer:
         model.eval()
         items = list(range(self.dist.rank, len(ds), self.dist.world))
         loader = DataLoader(_Subset(ds, items), batch_size=self.cfg.eval_batch_size, shuffle=False,
-                            collate_fn=self.collate, num_workers=self.cfg.num_workers)
+                            collate_fn=self.collate, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory)
         preds, targets = [], []
         for bg, y in loader:
-            out = model(bg.to(self.device)).reshape(-1).double().cpu()
-            preds.append(out * self.std + self.mean)
+            preds.append(model(to_device(bg, self.device, non_blocking=True)).reshape(-1).double())
             targets.append(y.reshape(len(y), -1)[:, 0].double())
         model.train(was_training)
-        p = torch.cat(preds).numpy() if preds else np.zeros(0)
+        p = (torch.cat(preds).cpu() * self.std + self.mean).numpy() if preds else np.zeros(0)
         t = torch.cat(targets).numpy() if targets else np.zeros(0)
         if self.dist.world > 1:
             gathered: List[Any] = [None] * self.dist.world
@@ -748,7 +755,8 @@ class Trainer:
             self._try_resume()
         self._log(f"{cfg.dataset}/{self.target}: {len(self.train_ds)} train, {len(self.val_ds)} val, "
                   f"{len(self.test_ds)} test crystals; frame {cfg.frame}, {self.n_params:,} parameters, "
-                  f"{cfg.epochs} epochs ({cfg.swa_epochs} SWA) of {self.steps_per_epoch} steps, device {self.device}"
+                  f"{cfg.epochs} epochs ({cfg.swa_epochs} SWA) of {self.steps_per_epoch} steps, device {self.device} "
+                  f"(backend {self.backend})"
                   + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
         while self.epoch < cfg.epochs:
             epoch = self.epoch
@@ -817,7 +825,7 @@ class Trainer:
             "batch_size": cfg.batch_size, "train_seconds": seconds, "seconds_per_epoch": seconds / max(1, len(self.history)),
             "crystals_per_second": samples / train_seconds if train_seconds > 0 else None,
             "latency_ms_per_crystal": 1000.0 * latency,
-            "device": str(self.device), "threads": torch.get_num_threads(), "world_size": self.dist.world,
+            "device": str(self.device), "backend": self.backend, "threads": torch.get_num_threads(), "world_size": self.dist.world,
             "seed": cfg.seed, "normalizer": {"mean": self.mean, "std": self.std}, "cutoff": self.cutoff,
             "out_dir": str(self.out), "checkpoint": str(self.out / "swa.pt"),
             "train_test_overlap": len(train_ids & set(_ids(self.test_ds))),

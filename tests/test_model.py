@@ -361,15 +361,16 @@ def test_aggregations_match_the_exact_bases(backend, monkeypatch):
     per-edge definitions (SPEC.md 2.2) computed naively with index_add: values, and gradients with
     respect to the attention weights and the projections, with and without the c -> -c symmetrisation."""
     from dgl_crystalframer import basis as B, kernels
-    from dgl_crystalframer.frames import edge_to_node_block
-    from dgl_crystalframer.nn import _AngularAggregate, _DistAggregate, edge_geometry
+    from dgl_crystalframer.nn import _AngularAggregate, _DistAggregate
+    from dgl_crystalframer.sparse import Topology
 
     if backend == "numba" and kernels.numba is None:
         pytest.skip("numba is not installed")
     monkeypatch.setattr(kernels, "BACKEND", backend)
     g = dgl.batch([build_graph(s) for s in STRUCTURES])
     dst, N, E, H, dh = g.edges()[1], g.num_nodes(), g.num_edges(), 4, 8
-    indptr = edge_geometry(g, g.edata["rvec"]).indptr
+    topo = Topology.of(g)
+    indptr = topo.indptr
     torch.manual_seed(0)
     cos = torch.rand(E, H, 3) * 2 - 1
     cos[:5] = torch.tensor([-1.0, 0.0, 1.0])  # the ends of the range and the centre
@@ -379,7 +380,7 @@ def test_aggregations_match_the_exact_bases(backend, monkeypatch):
         W = torch.randn(3, H, dh, D, requires_grad=True)
         table, half = B.angle_basis_table(D, width)
         proj = torch.einsum("xm,khdm->hkxd", table.float().flatten(0, 1), W)
-        fast = _AngularAggregate.apply(indptr, cos, w, sym, proj, half, 1 << 14)  # several atom chunks
+        fast = _AngularAggregate.apply(indptr, cos, w, sym, proj, half, 1 << 14, (0, 1, 2))  # several atom chunks
         basis = B.gaussian_angle_basis(cos, D, width)
         basis = torch.where(sym[dst].unsqueeze(-1), 0.5 * (basis + B.gaussian_angle_basis(-cos, D, width)), basis)
         agg = torch.zeros(N, H, 3, D).index_add(0, dst, w[:, :, None, None] * basis)
@@ -390,7 +391,7 @@ def test_aggregations_match_the_exact_bases(backend, monkeypatch):
         assert (gw_f - gw_e).abs().max() < 1e-5 * gw_e.abs().max()
         assert (gW_f - gW_e).abs().max() < 1e-5 * gW_e.abs().max()
     dist_basis = B.gaussian_distance_basis(g.edata["rvec"].norm(dim=-1))
-    fast = _DistAggregate.apply(edge_to_node_block(dst, N), dist_basis, w)
+    fast = _DistAggregate.apply(topo, dist_basis, w)
     exact = torch.zeros(N, H, dist_basis.shape[1]).index_add(0, dst, w[:, :, None] * dist_basis[:, None, :])
     assert torch.allclose(fast, exact, atol=1e-5)
     gf, ge = (torch.autograd.grad((t * t).sum(), w)[0] for t in (fast, exact))

@@ -1,0 +1,125 @@
+"""Batches of crystal graphs, and moving them to the device the model runs on.
+
+``collate`` turns dataset items ``(graph, target)`` into ``(batched graph, targets [B, T])``.
+The batched graph is a ``dgl.DGLGraph`` (``dgl.batch``) or, for the torch backend, a
+:class:`CrystalBatch`: the same topology and features as plain tensors, which any torch device
+takes.  That is how a GPU is used with DGL from PyPI (CPU-only): graphs are built and batched on
+CPU, in DataLoader workers, and only tensors cross to the GPU (pinned, non-blocking); no
+``DGLGraph.to("cuda")`` is needed.  The model, the layer and the frames accept either type.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+
+from ._dgl import dgl
+from . import sparse
+
+
+class CrystalBatch:
+    """A batched crystal graph as plain tensors: the part of the ``DGLGraph`` API the model uses.
+
+    ``src``/``dst`` [E] int64 edges j -> i, ``ndata``/``edata`` dicts of node [N, ...] and edge
+    [E, ...] tensors, ``batch_num_nodes()`` [B] atoms per crystal (kept on CPU as well, so that
+    no size ever has to be read back from a GPU).  ``sorted_by_dst`` tells the topology that
+    the edges are grouped by destination (``build_graph`` sorts them), which saves a check.
+    """
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, batch_num_nodes: torch.Tensor,
+                 ndata: Dict[str, torch.Tensor], edata: Dict[str, torch.Tensor], sorted_by_dst=None):
+        self.src, self.dst = src, dst
+        self._batch_num_nodes = batch_num_nodes
+        self._num_nodes = int(batch_num_nodes.sum()) if batch_num_nodes.device.type == "cpu" else None
+        self.ndata, self.edata = dict(ndata), dict(edata)
+        self.sorted_by_dst = sorted_by_dst
+
+    @classmethod
+    def from_dgl(cls, graph) -> "CrystalBatch":
+        """The topology and features of a (batched) DGLGraph as plain tensors (no copies)."""
+        src, dst = graph.edges()
+        sorted_by_dst = not bool((dst[1:] < dst[:-1]).any()) if graph.device.type == "cpu" else None
+        return cls(src, dst, graph.batch_num_nodes(), dict(graph.ndata), dict(graph.edata), sorted_by_dst)
+
+    # -- the DGLGraph API subset ----------------------------------------------------------------
+    def edges(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.src, self.dst
+
+    def num_nodes(self) -> int:
+        if self._num_nodes is None:
+            self._num_nodes = int(self._batch_num_nodes.sum())
+        return self._num_nodes
+
+    def num_edges(self) -> int:
+        return int(self.src.shape[0])
+
+    def batch_num_nodes(self) -> torch.Tensor:
+        return self._batch_num_nodes
+
+    @property
+    def batch_size(self) -> int:
+        return int(self._batch_num_nodes.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.src.device
+
+    def local_scope(self):
+        return contextlib.nullcontext()
+
+    # -- moving -----------------------------------------------------------------------------------
+    def _map(self, fn) -> "CrystalBatch":
+        out = CrystalBatch(fn(self.src), fn(self.dst), fn(self._batch_num_nodes),
+                           {k: fn(v) for k, v in self.ndata.items()}, {k: fn(v) for k, v in self.edata.items()},
+                           self.sorted_by_dst)
+        out._num_nodes = self._num_nodes  # known on CPU: kept, so a GPU batch never reads it back
+        return out
+
+    def to(self, device, non_blocking: bool = False) -> "CrystalBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "CrystalBatch":
+        """Page-locked copies, so that ``to(cuda, non_blocking=True)`` overlaps with compute
+        (DataLoader(pin_memory=True) calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def __repr__(self) -> str:
+        return (f"CrystalBatch({self.batch_size} crystals, {self.num_nodes()} atoms, {self.num_edges()} edges, "
+                f"device {self.device})")
+
+
+def collate(items: Sequence[Tuple[Any, torch.Tensor]], as_tensors: bool = False):
+    """``[(graph, target [T])] -> (batched graph, targets [B, T])``; the batched graph is a
+    :class:`CrystalBatch` when ``as_tensors`` (for the torch backend), else ``dgl.batch(graphs)``."""
+    graphs, targets = zip(*items)
+    bg = dgl.batch(list(graphs))
+    y = torch.stack([torch.as_tensor(t, dtype=torch.float32).reshape(-1) for t in targets])
+    return (CrystalBatch.from_dgl(bg) if as_tensors else bg), y
+
+
+def tensor_collate(items):
+    """``collate(items, as_tensors=True)``, picklable for DataLoader workers."""
+    return collate(items, as_tensors=True)
+
+
+def collate_for(device, backend=None):
+    """The collate function for a model on ``device``: plain tensors for the torch backend."""
+    backend = backend or sparse.select_backend(device)
+    return tensor_collate if backend == "torch" else collate
+
+
+def to_device(graph, device, non_blocking: bool = False):
+    """A batched graph on ``device`` in the form its backend needs: a DGLGraph moved with DGL where
+    DGL supports the device, else a :class:`CrystalBatch` of the same tensors."""
+    device = torch.device(device)
+    if isinstance(graph, CrystalBatch):
+        return graph if graph.device == device else graph.to(device, non_blocking)
+    if graph.device == device:
+        return graph
+    if sparse.select_backend(device) == "dgl":
+        return graph.to(device)
+    return CrystalBatch.from_dgl(graph).to(device, non_blocking)
+
+
+__all__ = ["CrystalBatch", "collate", "collate_for", "tensor_collate", "to_device"]

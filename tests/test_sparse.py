@@ -1,0 +1,178 @@
+"""The sparse seam (dgl_crystalframer/sparse.py): both backends give the same numbers, the selector
+picks what the README says, and plain-tensor batches (the GPU path without a CUDA build of DGL)
+run the same model."""
+import numpy as np
+import pytest
+import torch
+
+from dgl_crystalframer import sparse
+from dgl_crystalframer._dgl import dgl
+from dgl_crystalframer.batch import CrystalBatch, collate, to_device
+from dgl_crystalframer.graph import build_graph
+from dgl_crystalframer.model import CrystalFramer
+
+from test_model import ALL_FRAMES, DEGENERATE, INVARIANT_FRAMES, STRUCTURES, nacl, permuted, random_rotation, rotated, \
+    supercell
+
+BATCH = dgl.batch([build_graph(s) for s in STRUCTURES + [nacl()]])
+
+
+@pytest.fixture
+def backend():
+    """Run with a backend forced, and leave the process as it was."""
+    def use(name):
+        sparse.set_backend(name)
+    yield use
+    sparse.set_backend("auto")
+
+
+def run_model(frame, graph, backend_name, dtype=torch.float32, steps=0, seed=0):
+    """Predictions and gradients of a 2-layer model (sigma normaliser recorded on ``graph``)."""
+    sparse.set_backend(backend_name)
+    torch.manual_seed(seed)
+    model = CrystalFramer(frame=frame, num_layers=2).to(dtype)
+    model.train()
+    out = model(graph)
+    (out ** 2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    losses = []
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    target = torch.linspace(-1, 1, graph.batch_size, dtype=dtype)
+    for _ in range(steps):
+        loss = torch.nn.functional.l1_loss(model(graph), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return out.detach(), grads, losses
+
+
+def rel(a, b, floor=1e-12):
+    return float((a - b).abs().max() / a.abs().max().clamp_min(floor))
+
+
+def worst_gradient(grads_a, grads_b):
+    """(name, relative difference) of the parameter whose gradients differ most.  Gradients that
+    vanish analytically (the key bias: softmax ignores a constant shift) are float noise on both
+    sides, so each is compared against at least 1e-6 of the model's largest gradient."""
+    assert grads_a.keys() == grads_b.keys()
+    floor = 1e-6 * max(float(g.abs().max()) for g in grads_a.values())
+    diffs = {n: rel(grads_a[n], grads_b[n], floor) for n in grads_a}
+    name = max(diffs, key=diffs.get)
+    return name, diffs[name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("frame", ALL_FRAMES)
+def test_backends_agree_on_real_crystals(frame, dtype, backend):
+    out_d, grads_d, _ = run_model(frame, BATCH, "dgl", dtype)
+    out_t, grads_t, _ = run_model(frame, BATCH, "torch", dtype)
+    assert rel(out_d, out_t) < 1e-5, f"{frame}: outputs differ by {rel(out_d, out_t):.2e}"
+    name, diff = worst_gradient(grads_d, grads_t)
+    assert diff < 1e-5, f"{frame}: gradient of {name} differs by {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE))
+@pytest.mark.parametrize("frame", ["none", "max", "weighted_pca", "static_local", "pca", "lattice"])
+def test_backends_agree_on_degenerate_structures(name, frame, backend):
+    g = build_graph(DEGENERATE[name])
+    out_d, grads_d, _ = run_model(frame, g, "dgl", torch.float64)
+    out_t, grads_t, _ = run_model(frame, g, "torch", torch.float64)
+    assert torch.isfinite(out_t).all()
+    assert rel(out_d, out_t) < 1e-5
+    name, diff = worst_gradient(grads_d, grads_t)
+    assert diff < 1e-5, f"{name}: {diff:.2e}"
+
+
+def test_training_steps_give_the_same_losses(backend):
+    _, _, losses_d = run_model("max", BATCH, "dgl", steps=4)
+    _, _, losses_t = run_model("max", BATCH, "torch", steps=4)
+    assert np.allclose(losses_d, losses_t, rtol=1e-5), (losses_d, losses_t)
+    assert losses_d[-1] < losses_d[0]
+
+
+@pytest.mark.parametrize("frame", INVARIANT_FRAMES)
+def test_torch_backend_is_invariant(frame, backend):
+    """Rotation, atom order and cell choice, as tests/test_model.py checks for the default backend."""
+    backend("torch")
+    torch.manual_seed(0)
+    model = CrystalFramer(frame=frame, num_layers=2)
+    model.train()
+    model(dgl.batch([build_graph(s) for s in STRUCTURES]))
+    model.eval()
+
+    def predict(structures):
+        with torch.no_grad():
+            return model(dgl.batch([build_graph(s) for s in structures]))
+
+    base = predict(STRUCTURES)
+    rot = random_rotation(2)
+    for what, variant in (("rotation", [rotated(s, rot, np.array([0.5, -1.0, 2.0])) for s in STRUCTURES]),
+                          ("atom order", [permuted(s, 1) for s in STRUCTURES]),
+                          ("2x1x1 supercell", [supercell(s, (2, 1, 1)) for s in STRUCTURES])):
+        assert rel(base, predict(variant)) < 1e-4, f"{frame}: {what}"
+
+
+def test_plain_tensor_batch_runs_the_same_model(backend):
+    """A CrystalBatch (what a GPU gets with DGL from PyPI) and the DGLGraph it came from give the
+    same prediction, with either backend."""
+    items = [(build_graph(s), torch.tensor([0.0])) for s in STRUCTURES]
+    bg, _ = collate(items)
+    tb, _ = collate(items, as_tensors=True)
+    assert isinstance(tb, CrystalBatch) and tb.sorted_by_dst
+    assert tb.num_nodes() == bg.num_nodes() and tb.num_edges() == bg.num_edges() and tb.batch_size == bg.batch_size
+    torch.manual_seed(0)
+    model = CrystalFramer(frame="max", num_layers=2)
+    model.train()
+    model(bg)
+    model.eval()
+    with torch.no_grad():
+        ref = model(bg)
+        for name in ("dgl", "torch"):
+            backend(name)
+            assert rel(ref, model(tb)) < 1e-6, name
+    assert to_device(tb, "cpu") is tb
+
+
+def test_unsorted_plain_batch_is_sorted_by_the_topology():
+    g = build_graph(STRUCTURES[1])
+    perm = torch.randperm(g.num_edges(), generator=torch.Generator().manual_seed(0))
+    src, dst = g.edges()
+    tb = CrystalBatch(src[perm], dst[perm], g.batch_num_nodes(), dict(g.ndata), {k: v[perm] for k, v in g.edata.items()})
+    topo = sparse.Topology.of(tb, backend="torch")
+    assert topo.order is not None
+    assert torch.equal(topo.dst[topo.order], dst) and topo.indptr[-1] == g.num_edges()
+
+
+def test_selector_picks_dgl_where_dgl_runs_and_torch_elsewhere(monkeypatch, backend):
+    monkeypatch.delenv(sparse.BACKEND_ENV, raising=False)
+    assert sparse.select_backend("cpu") == "dgl"
+    # a CUDA device with DGL from PyPI (CPU-only): plain PyTorch
+    monkeypatch.setattr(sparse, "dgl_supports", lambda device: torch.device(device).type == "cpu")
+    assert sparse.select_backend(torch.device("cuda", 0)) == "torch"
+    assert sparse.select_backend("cpu") == "dgl"
+    # a CUDA build of DGL: DGL's kernels
+    monkeypatch.setattr(sparse, "dgl_supports", lambda device: True)
+    assert sparse.select_backend(torch.device("cuda", 0)) == "dgl"
+
+
+def test_selector_overrides(monkeypatch, backend):
+    monkeypatch.setenv(sparse.BACKEND_ENV, "torch")
+    assert sparse.select_backend("cpu") == "torch"
+    backend("dgl")  # the command line (set_backend) wins over the environment
+    assert sparse.select_backend("cpu") == "dgl"
+    monkeypatch.setattr(sparse, "dgl_supports", lambda device: torch.device(device).type == "cpu")
+    with pytest.raises(RuntimeError, match="--backend torch"):
+        sparse.select_backend(torch.device("cuda", 0))
+    backend("auto")
+    monkeypatch.setenv(sparse.BACKEND_ENV, "tensorflow")
+    with pytest.raises(ValueError, match="DGL_CRYSTALFRAMER_BACKEND"):
+        sparse.select_backend("cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        sparse.set_backend("jax")
+
+
+def test_real_dgl_support_query():
+    assert sparse.dgl_supports("cpu")
+    has_cuda_dgl = torch.cuda.is_available() and sparse.dgl_supports("cuda")
+    assert sparse.dgl_supports("cuda") == has_cuda_dgl or not torch.cuda.is_available()
