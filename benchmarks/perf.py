@@ -257,6 +257,132 @@ def bench_omp_policy(graphs, repeats: int, frame: str = "max") -> Dict[str, floa
 
 
 # ---------------------------------------------------------------------------------------------
+# one device (a GPU, or the CPU for comparison): python -m benchmarks.perf --device cuda
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` with the device synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _on(device, graphs, batch_size: int, n_batches: int):
+    from dgl_crystalframer.batch import to_device
+
+    return [(to_device(bg, device), y.to(device)) for bg, y in train_batches(graphs, batch_size, n_batches)]
+
+
+def count_syncs(fn: Callable[[], Any], device: torch.device) -> int:
+    """How many times one call of ``fn`` makes the host wait for the GPU (torch's sync debug mode)."""
+    if device.type != "cuda":
+        return 0
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+            _sync(device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def bench_device(graphs, device: torch.device, frames: Sequence[str], repeats: int,
+                 batch_sizes: Sequence[int] = (64, 256), n_single: int = 50) -> Dict[str, Any]:
+    """Training and inference speed, peak device memory, device syncs per step, and agreement
+    with the CPU (DGL kernels) for each frame type, on ``device`` with the backend it selects."""
+    from dgl_crystalframer import sparse
+
+    out: Dict[str, Any] = {"device": str(device), "backend": sparse.select_backend(device), "frames": {}}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    for frame in frames:
+        row: Dict[str, Any] = {}
+        for bs in batch_sizes:
+            n = max(1, min(repeats, len(graphs) // bs))
+            batches = _on(device, graphs, bs, n)
+            model = make_model(frame).to(device)
+            step = train_step_fn(model, batches)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            crystals = sum(bg.batch_size for bg, _ in batches) / len(batches)
+            row[f"train_crystals_per_s_b{bs}"] = crystals / device_time(step, device, repeats)
+            if device.type == "cuda":
+                row[f"peak_memory_mb_b{bs}"] = torch.cuda.max_memory_allocated(device) / 2**20
+            row[f"syncs_per_step_b{bs}"] = count_syncs(step, device)
+        model = make_model(frame).to(device)
+        model.train()
+        model(_on(device, graphs, 64, 1)[0][0])  # record the sigma normaliser
+        model.eval()
+        with torch.no_grad():
+            singles = [bg for bg, _ in _on(device, graphs, 1, n_single)]
+            row["infer_ms_batch1"] = 1000 * float(np.median([device_time(lambda g=g: model(g), device, 1, 0)
+                                                             for g in singles[1:]] or [float("nan")]))
+            big, _ = _on(device, graphs, max(batch_sizes), 1)[0]
+            row["infer_ms_batched"] = 1000 * device_time(lambda: model(big), device, repeats) / big.batch_size
+            row["syncs_inference_batched"] = count_syncs(lambda: model(big), device)
+            if device.type != "cpu":  # the same weights on the CPU with DGL's kernels
+                cpu_model = make_model(frame)
+                cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+                cpu_model.eval()
+                cpu_batch, _ = train_batches(graphs, 64, 1)[0]
+                a = cpu_model(cpu_batch)
+                b = model(_on(device, graphs, 64, 1)[0][0]).cpu()
+                row["cpu_vs_device_max_rel_diff"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+        out["frames"][frame] = row
+        print(f"  {device} ({out['backend']}), frame {frame}: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    out["scaling"] = bench_scaling_on(device, repeats)
+    return out
+
+
+def bench_scaling_on(device: torch.device, repeats: int, frame: str = "max", n_scaling: int = 64) -> Dict[str, Any]:
+    """One training step on the same crystals as 1x .. 8x supercells on ``device``: times and slope."""
+    base = sample_arrays(n_scaling)
+    rows = []
+    for factor, reps in ((1, (1, 1, 1)), (2, (2, 1, 1)), (4, (2, 2, 1)), (8, (2, 2, 2))):
+        graphs = [graph_from_arrays(supercell(a, reps)) for a in base]
+        bg = dgl.batch(graphs)
+        batches = _on(device, graphs, len(graphs), 1)
+        step = train_step_fn(make_model(frame).to(device), batches)
+        rows.append({"factor": factor, "edges": bg.num_edges(), "step_seconds": device_time(step, device, repeats)})
+    slope = float(np.polyfit(np.log([r["edges"] for r in rows]), np.log([r["step_seconds"] for r in rows]), 1)[0])
+    return {"rows": rows, "slope": slope}
+
+
+def format_device_report(rep: Dict[str, Any]) -> str:
+    lines = [f"device {rep['device']}" + (f" ({rep['gpu']})" if rep.get("gpu") else "") + f", backend {rep['backend']}"]
+    keys = sorted({k for row in rep["frames"].values() for k in row}, key=lambda k: (k.split("_b")[0], k))
+    frames = list(rep["frames"])
+    lines.append(f"{'measurement':40s}" + "".join(f"{f:>12s}" for f in frames))
+    for k in keys:
+        cells = []
+        for f in frames:
+            v = rep["frames"][f].get(k)
+            cells.append(f"{v:12.4g}" if isinstance(v, (int, float)) else f"{'-':>12s}")
+        lines.append(f"{k:40s}" + "".join(cells))
+    for r in rep["scaling"]["rows"]:
+        lines.append(f"scaling {r['factor']}x supercells, {r['edges']} edges: {r['step_seconds']:.4f} s/step")
+    lines.append(f"scaling slope (log time vs log edges): {rep['scaling']['slope']:.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # driver
 
 
@@ -277,6 +403,8 @@ def _worker(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         env["OMP_WAIT_POLICY"] = kind[len("omp-"):]
     if kind == "kernels-torch":
         env["DGL_CRYSTALFRAMER_KERNELS"] = "torch"
+    if kind == "backend-torch":
+        env["DGL_CRYSTALFRAMER_BACKEND"] = "torch"
     cmd = [sys.executable, "-m", "benchmarks.perf", "--worker", kind, "--threads", str(args.threads),
            "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -338,6 +466,8 @@ def format_report(perf: Dict[str, Any]) -> str:
         row("cost of frame max / frame none", perf["max_over_none"], "{:.2f}")
     if perf.get("train_torch_kernels") is not None:
         row("training, frame max, torch kernels (crystals/s)", perf["train_torch_kernels"])
+    for frame, v in (perf.get("train_backend_torch") or {}).items():
+        row(f"training, frame {frame}, backend torch (crystals/s)", v)
     for policy in ("passive", "active"):
         omp = perf.get(f"omp_{policy}")
         if omp:
@@ -360,10 +490,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5, --quick 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference (slow)")
     p.add_argument("--no-omp-check", action="store_true", help="skip the OMP_WAIT_POLICY=passive/active comparison")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # scaling | memory-<frame> | omp-<policy> | kernels-torch
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default: the full CPU report) or cuda[:N] / auto: the device report (training at batch "
+                        "64 and 256, inference, peak memory, syncs per step, scaling, agreement with the CPU)")
+    p.add_argument("--backend", choices=("auto", "dgl", "torch"), default="auto",
+                   help="sparse backend for the device report (default: auto)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # scaling | memory-<frame> | omp-<policy> | kernels-torch | backend-torch
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
+    from dgl_crystalframer import sparse
+    from dgl_crystalframer._dgl import resolve_device
+
+    sparse.set_backend(args.backend)
+    device = resolve_device(args.device)
+    if device.type != "cpu" or args.backend != "auto":
+        frames = [f.strip() for f in args.frames.split(",") if f.strip()] if args.frames != ",".join(FRAMES) else ["none", "max"]
+        t_start = time.perf_counter()
+        n = 256 if args.quick else 1024
+        rep = {"machine": machine_info(args.threads), **bench_device(sample_graphs(n), device, frames, args.repeats,
+                                                                      n_single=10 if args.quick else 50)}
+        rep["seconds"] = time.perf_counter() - t_start
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "perf_device.json").write_text(json.dumps(rep, indent=2) + "\n")
+        print()
+        print(format_device_report(rep))
+        print(f"\nwritten {out / 'perf_device.json'} ({rep['seconds']:.0f} s)")
+        return 0
 
     if args.worker == "scaling":
         print(json.dumps(bench_scaling(args.repeats)))
@@ -376,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.worker == "kernels-torch":
         print(json.dumps(bench_training(sample_graphs(64 * args.repeats), ["max"], args.repeats)))
+        return 0
+    if args.worker == "backend-torch":
+        print(json.dumps(bench_training(sample_graphs(64 * args.repeats), ["none", "max"], args.repeats)))
         return 0
 
     frames = [f.strip() for f in args.frames.split(",") if f.strip()]
@@ -405,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "max" in frames:
         print("angular kernels in torch operations (subprocess) ...", flush=True)
         perf["train_torch_kernels"] = _worker("kernels-torch", args)["max"]
+    print("sparse operations in plain PyTorch, backend torch (subprocess) ...", flush=True)
+    perf["train_backend_torch"] = _worker("backend-torch", args)
     if not args.no_omp_check:
         for policy in ("passive", "active"):
             print(f"OMP_WAIT_POLICY={policy} (subprocess) ...", flush=True)

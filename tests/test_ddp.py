@@ -49,12 +49,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
-def test_two_cpu_ranks_train_identical_weights(tmp_path):
+@pytest.mark.parametrize("backend", ["dgl", "torch"])
+def test_two_cpu_ranks_train_identical_weights(tmp_path, backend):
+    """Both sparse backends: ``torch`` sends plain-tensor batches through DDP, as on GPUs without a
+    CUDA build of DGL (NCCL there, gloo here)."""
     data = write_small_dataset(tmp_path / "small.json")
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DGL_CRYSTALFRAMER_BACKEND": backend}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(data),
                            str(out)], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
@@ -72,7 +75,7 @@ def test_two_cpu_ranks_train_identical_weights(tmp_path):
     assert r0["test_mae"] == r1["test_mae"]
     # only rank 0 wrote files and printed progress
     res = json.loads((out / "results.json").read_text())
-    assert res["world_size"] == 2 and res["n_train"] == 40
+    assert res["world_size"] == 2 and res["n_train"] == 40 and res["backend"] == backend
     assert proc.stderr.count("epoch 1/2 ") == 1
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.csv", "results.json", "swa.pt",
                                                      "test_predictions.csv"]

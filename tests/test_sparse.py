@@ -176,3 +176,23 @@ def test_real_dgl_support_query():
     assert sparse.dgl_supports("cpu")
     has_cuda_dgl = torch.cuda.is_available() and sparse.dgl_supports("cuda")
     assert sparse.dgl_supports("cuda") == has_cuda_dgl or not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("frame", ALL_FRAMES)
+def test_cuda_matches_cpu(frame, dtype, backend):
+    """The model on a GPU (DGL's CUDA kernels or plain PyTorch, whichever the install has) against
+    the same weights on the CPU with DGL's kernels: outputs and gradients."""
+    cpu_out, cpu_grads, _ = run_model(frame, BATCH, "dgl", dtype)
+    sparse.set_backend("auto")
+    torch.manual_seed(0)
+    model = CrystalFramer(frame=frame, num_layers=2).to(dtype).cuda()
+    model.train()
+    out = model(BATCH)  # a CPU graph: the topology and features move with the model's device
+    (out ** 2).sum().backward()
+    grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+    tol = 1e-5 if dtype == torch.float64 else 1e-4
+    assert rel(cpu_out, out.detach().cpu()) < tol
+    name, diff = worst_gradient(cpu_grads, grads)
+    assert diff < tol, f"{frame}: gradient of {name} differs by {diff:.2e}"
