@@ -10,10 +10,10 @@ TORCH_PIN ?= torch==2.13.0
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-.stamp-setup: pyproject.toml $(BIN)/python
+.stamp-setup: pyproject.toml setup.py $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,hpo]"
 	touch $@
 
 setup: .stamp-setup

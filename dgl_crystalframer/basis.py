@@ -1,9 +1,9 @@
-"""Gaussian bases of SPEC.md 2.2 and the constants that fix the attention's reach.
+"""Gaussian bases of docs/METHOD.md 2.2 and the constants that fix the attention's reach.
 
 Pure torch (no DGL): a distance basis on |r| and an angular basis on cosines.
 
 The Gaussian attention factor exp(-|r|^2 / (2 sigma^2)) has sigma < SIGMA_MAX = R0 / sqrt(B)
-(SPEC.md 2.1), so images farther than N_SIGMA * SIGMA_MAX carry negligible weight.  That is
+(docs/METHOD.md 2.1), so images farther than N_SIGMA * SIGMA_MAX carry negligible weight.  That is
 where the default neighbour cutoff comes from: it is derived, never typed in.
 """
 from __future__ import annotations
@@ -12,16 +12,21 @@ import math
 
 import torch
 
+from .config import ModelConfig
+
 R0 = 1.4  # Angstrom: sigma at rho = 1
 B = 0.5  # lower bound of rho, so sigma < R0 / sqrt(B)
 BETA = 0.1  # slope of rho at 0
 N_SIGMA = 3.5  # images within N_SIGMA * SIGMA_MAX are kept (as the reference implementation)
 SIGMA_MAX = R0 / math.sqrt(B)
 
-DIST_BASIS_SIZE = 64  # K
-DIST_BASIS_RMAX = 14.0  # Angstrom
-ANGLE_BASIS_SIZE = 64  # D (16 in the lightweight variant)
-ANGLE_BASIS_WIDTH = 4.0  # s_a (1 in the lightweight variant)
+_DEFAULTS = ModelConfig()  # the basis sizes are model hyperparameters, declared there once
+DIST_BASIS_SIZE = _DEFAULTS.num_dist_basis  # K
+DIST_BASIS_RMAX = _DEFAULTS.dist_basis_rmax  # Angstrom
+ANGLE_BASIS_SIZE = _DEFAULTS.num_angle_basis  # D (16 in the lightweight variant)
+ANGLE_BASIS_WIDTH = _DEFAULTS.angle_basis_width  # s_a (1 in the lightweight variant)
+CANDIDATE_MIN_D2 = 1e-5  # |r|^2 below this is the self image (no direction, never a frame axis)
+TIE_TOL = 1e-4  # relative: scores this close are a tie (frame and lattice-axis selection)
 
 
 def default_cutoff(r0: float = R0, b: float = B, n_sigma: float = N_SIGMA) -> float:
@@ -32,7 +37,7 @@ def default_cutoff(r0: float = R0, b: float = B, n_sigma: float = N_SIGMA) -> fl
 def gaussian_distance_basis(dist: torch.Tensor, size: int = DIST_BASIS_SIZE, r_max: float = DIST_BASIS_RMAX) -> torch.Tensor:
     """b_dist(|r|): ``size`` Gaussians with centres k * r_max / size, k = 1..size, width r_max / size.
 
-    dist: [E] -> [E, size].  The first centre is r_max / size, not 0 (SPEC.md 2.2).
+    dist: [E] -> [E, size].  The first centre is r_max / size, not 0 (docs/METHOD.md 2.2).
     """
     step = r_max / size
     centres = torch.arange(1, size + 1, device=dist.device, dtype=dist.dtype) * step

@@ -1,4 +1,4 @@
-"""Frames of CrystalFramer (SPEC.md 3): per target atom i and head h, three axes e1, e2, e3.
+"""Frames of CrystalFramer (docs/METHOD.md 3): per target atom i and head h, three axes e1, e2, e3.
 
 Every frame function returns ``(frames, tied)``: frames ``[N, H, 3, 3]`` whose rows
 ``F[i, h, k]`` are the axes e_k, and tied ``[N, H]`` (see the end of this docstring).  Frames carry
@@ -49,26 +49,22 @@ from __future__ import annotations
 import torch
 
 from . import sparse as S
+from .basis import CANDIDATE_MIN_D2, TIE_TOL  # noqa: F401  (CANDIDATE_MIN_D2: part of this module's API)
+from .config import FRAME_TYPES, ConfigError
+from .lattice import lattice_axes, normalize
 
-FRAME_TYPES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
-CANDIDATE_MIN_D2 = 1e-5  # |r|^2 below this is the self image
 # Axes whose angular features the layer symmetrises over c -> -c where ``tied`` is set (module
 # doc); e3 unless listed.  The lattice frame is global, not orthogonal and made right-handed by
 # flipping all three axes, so a tie between candidates related by an improper symmetry can
 # reverse every axis: all three are symmetrised there.
 SYMMETRISED_AXES = {"lattice": (0, 1, 2)}
 COLLINEAR_COS = 0.9999
-TIE_TOL = 1e-4
 
 
 def check_frame_type(kind: str) -> str:
     if kind not in FRAME_TYPES:
-        raise ValueError(f"unknown frame type {kind!r}; choose one of {', '.join(FRAME_TYPES)}")
+        raise ConfigError(f"unknown frame type {kind!r}; choose one of {', '.join(FRAME_TYPES)}")
     return kind
-
-
-def _unit(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
 def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
@@ -76,7 +72,7 @@ def _perpendicular(e1: torch.Tensor) -> torch.Tensor:
     collinear with e1, where the e2/e3 cosines of all candidates vanish whatever e2 is)."""
     axis = torch.zeros_like(e1)
     axis.scatter_(-1, e1.abs().argmin(dim=-1, keepdim=True), 1.0)
-    return _unit(torch.cross(e1, axis, dim=-1))
+    return normalize(torch.cross(e1, axis, dim=-1))
 
 
 def _segment_argmax(topo: S.Topology, score: torch.Tensor, valid: torch.Tensor, tie_breakers=(), tie_tol: float = TIE_TOL):
@@ -134,7 +130,7 @@ def _max_style_frames(topo: S.Topology, score: torch.Tensor, rhat: torch.Tensor,
     breakers = (turn,) if secondary is None else (secondary + penalty, turn)
     i2, found2, tied2 = _segment_argmax(topo, score + penalty, valid2, breakers)
     r2 = rhat[i2]
-    e2 = _unit(r2 - (r2 * e1).sum(-1, keepdim=True) * e1)
+    e2 = normalize(r2 - (r2 * e1).sum(-1, keepdim=True) * e1)
     e2 = torch.where(found2.unsqueeze(-1), e2, _perpendicular(e1))
     e3 = torch.cross(e1, e2, dim=-1)
     return torch.stack([e1, e2, e3], dim=2), tied1 | (tied2 & found2)
@@ -237,77 +233,6 @@ def pca_frames(topo: S.Topology, num_heads: int, pos_key: str = "pos", eig_tol: 
         frames = torch.where(degenerate[:, None, None], lattice, frames)
         tied = torch.where(degenerate, lattice_tied, tied)
     return _per_node(topo, frames, num_heads), _per_node(topo, tied, num_heads)
-
-
-_OFFSETS = torch.stack(torch.meshgrid(*[torch.arange(-3, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
-_OFFSETS = _OFFSETS[_OFFSETS.abs().sum(-1) > 0]
-# enumerate short vectors first, so that a tie (same length) is resolved the same way in every cell
-_OFFSETS = _OFFSETS[torch.argsort(_OFFSETS.abs().sum(-1) * 1000 + _OFFSETS.abs().amax(-1), stable=True)]
-
-
-def _first_within(length: torch.Tensor, valid: torch.Tensor, tie_breakers=None, tol: float = TIE_TOL):
-    """(index, tied) of the shortest valid vector.  Ties (within ``tol`` relative) are narrowed
-    down by maximising, in turn, each row of ``tie_breakers(candidates)`` ([K, len(candidates)],
-    computed only for the tied candidates), then go to the lowest index (``tied``)."""
-    lv = torch.where(valid, length, torch.full_like(length, float("inf")))
-    candidates = torch.nonzero(valid & (lv <= lv.min() * (1 + tol))).squeeze(-1)
-    if len(candidates) > 1 and tie_breakers is not None:
-        near = torch.ones_like(candidates, dtype=torch.bool)
-        for values in tie_breakers(candidates):
-            v = torch.where(near, values, torch.full_like(values, -float("inf")))
-            near = near & (v >= v.max() - 1e-9 * (1.0 + v.max().abs()))
-        candidates = candidates[near]
-    return int(candidates[0]), len(candidates) > 1
-
-
-def lattice_axes(lattice: torch.Tensor, rvec=None, weight=None):
-    """The ``lattice`` frame of one structure: (axes [3, 3] float64, rows e1 e2 e3; tied bool).
-
-    lattice: [3, 3] rows, a primitive basis (any).  Equally short lattice vectors are common
-    (cubic, hexagonal, tetragonal cells), and the basis a symmetry finder returns can differ
-    between a structure, its rotated copy and its supercells.  So ties are broken by moments of
-    the structure's own edges (rvec [E, 3], weight [E]): sum_e w_e (rhat_e . u)^p, p = 1..4, and,
-    for e2 and e3, moments mixed with the axes already chosen and the turning sense about the
-    weighted mean direction.  These are the same for candidates related by a symmetry of the
-    crystal and generically differ otherwise, so the choice does not depend on the cell or its
-    orientation.  Without rvec (a user's graph) ties go to the lowest index in the given basis.
-    ``tied`` says that the index was needed (symmetry-related candidates, see the module doc).
-    """
-    lattice = lattice.double()
-    vecs = _OFFSETS.to(lattice.device, lattice.dtype) @ lattice  # [M, 3]
-    length = vecs.norm(dim=-1)
-    unit = vecs / length.unsqueeze(-1)
-    breakers = None
-    if rvec is not None:
-        rvec, weight = rvec.double(), weight.double()
-        d = rvec.norm(dim=-1)
-        keep = d > CANDIDATE_MIN_D2 ** 0.5
-        rhat, w = rvec[keep] / d[keep].unsqueeze(-1), weight[keep] / weight[keep].sum().clamp_min(1e-300)
-        mean_dir = w @ rhat
-
-        def breakers(candidates, *chosen):
-            u = unit[candidates]
-            proj = rhat @ u.T  # [E, K]
-            out = [w @ proj.pow(p) for p in (1, 2, 3, 4)]
-            for axis in chosen:
-                pa = rhat @ axis
-                out += [(w * pa) @ proj, (w * pa) @ proj.pow(2), (w * pa.pow(2)) @ proj,
-                        torch.cross(axis.expand_as(u), u, dim=-1) @ mean_dir]
-            return out
-
-    def tie_breakers(*chosen):
-        return None if breakers is None else (lambda candidates: breakers(candidates, *chosen))
-
-    eps = 1e-6
-    i1, tied1 = _first_within(length, torch.ones_like(length, dtype=torch.bool), tie_breakers())
-    e1 = unit[i1]
-    c1 = unit @ e1
-    i2, tied2 = _first_within(length, (c1.abs() < 1 - eps) & (c1 >= -eps), tie_breakers(e1))
-    e2 = unit[i2]
-    coplanar = (unit @ _unit(torch.cross(e1, e2, dim=-1))).abs() < eps
-    i3, tied3 = _first_within(length, ~coplanar & (c1 >= -eps), tie_breakers(e1, e2))
-    axes = torch.stack([e1, e2, unit[i3]])
-    return (-axes if torch.linalg.det(axes) < 0 else axes), tied1 or tied2 or tied3
 
 
 def _lattice_axes(topo: S.Topology):

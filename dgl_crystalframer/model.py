@@ -1,26 +1,17 @@
-"""The CrystalFramer model (SPEC.md 4): embedding, post-residual blocks without LayerNorm
-(T-Fixup initialisation), mean readout over unit-cell atoms, MLP head."""
+"""The CrystalFramer model (docs/METHOD.md 4): embedding, post-residual blocks without LayerNorm
+(T-Fixup initialisation), mean readout over unit-cell atoms, MLP head.  Its hyperparameters are
+one ``config.ModelConfig``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from . import basis as B
 from . import sparse as S
-from .graph import NUM_SPECIES
+from .config import MODEL_PRESETS as PRESETS, ModelConfig, model_config
 from .nn import CrystalFramerConv, edge_geometry
-
-
-PRESETS = {
-    # plain Crystalformer (ICLR 2024): 853K parameters
-    "crystalformer": dict(frame="none"),
-    # CrystalFramer with max frames, D = 64: 952K parameters
-    "default": dict(frame="max", num_angle_basis=64, angle_basis_width=4.0),
-    # lightweight CrystalFramer, D = 16: 878K parameters
-    "lightweight": dict(frame="max", num_angle_basis=16, angle_basis_width=1.0, c_angl=6.0, c_dist=1.5),
-}
+from .structures import NUM_SPECIES
 
 
 class CrystalFramerBlock(nn.Module):
@@ -40,40 +31,36 @@ class CrystalFramerBlock(nn.Module):
 class CrystalFramer(nn.Module):
     """CrystalFramer / Crystalformer regressor: ``model(batched_graph) -> [B]`` (one value per crystal).
 
+    ``CrystalFramer(ModelConfig(...))``, ``CrystalFramer(num_layers=2)`` (fields of ``ModelConfig``)
+    or ``CrystalFramer.from_preset("lightweight")``; ``model.config`` is the ModelConfig, and
+    ``CrystalFramer(model.config)`` rebuilds the same architecture.
+
     The graph is what :func:`dgl_crystalframer.build_graph` returns (or a ``dgl.batch`` of them, or
     the same as a :class:`~dgl_crystalframer.batch.CrystalBatch`): ``ndata[species_key]`` [N, 98]
     occupancy-weighted one-hots, ``edata[rvec_key]`` [E, 3].  The model runs where its parameters
     are; the graph may be on the CPU (``sparse`` picks the backend for the parameters' device).
-    ``model.config`` rebuilds the same architecture: ``CrystalFramer(**model.config)``.
     """
 
-    def __init__(self, frame: str = "max", num_layers: int = 4, dim: int = 128, num_heads: int = 8,
-                 ffn_dim: int = 512, num_angle_basis: int = B.ANGLE_BASIS_SIZE,
-                 angle_basis_width: float = B.ANGLE_BASIS_WIDTH, c_dist: float = 1.0, c_angl: float = 1.0,
-                 num_dist_basis: int = B.DIST_BASIS_SIZE, dist_basis_rmax: float = B.DIST_BASIS_RMAX,
-                 dropout: float = 0.0, rvec_key: str = "rvec", species_key: str = "species"):
+    def __init__(self, config: Optional[ModelConfig] = None, **overrides: Any):
         super().__init__()
-        self.config = dict(frame=frame, num_layers=num_layers, dim=dim, num_heads=num_heads, ffn_dim=ffn_dim,
-                           num_angle_basis=num_angle_basis, angle_basis_width=angle_basis_width, c_dist=c_dist,
-                           c_angl=c_angl, num_dist_basis=num_dist_basis, dist_basis_rmax=dist_basis_rmax,
-                           dropout=dropout, rvec_key=rvec_key, species_key=species_key)
-        self.frame, self.num_layers, self.rvec_key, self.species_key = frame, num_layers, rvec_key, species_key
-        self.num_dist_basis, self.dist_basis_rmax = num_dist_basis, dist_basis_rmax
-        self.embedding = nn.Linear(NUM_SPECIES, dim, bias=False)
+        c = model_config(**{**(config or ModelConfig()).as_dict(), **overrides})
+        self.config = c
+        self.frame, self.num_layers, self.rvec_key, self.species_key = c.frame, c.num_layers, c.rvec_key, c.species_key
+        self.num_dist_basis, self.dist_basis_rmax = c.num_dist_basis, c.dist_basis_rmax
+        self.embedding = nn.Linear(NUM_SPECIES, c.dim, bias=False)
         self.blocks = nn.ModuleList(
-            CrystalFramerBlock(dim, num_heads, ffn_dim, dropout, frame=frame, num_dist_basis=num_dist_basis,
-                               dist_basis_rmax=dist_basis_rmax, num_angle_basis=num_angle_basis,
-                               angle_basis_width=angle_basis_width, c_dist=c_dist, c_angl=c_angl, rvec_key=rvec_key)
-            for _ in range(num_layers))
-        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+            CrystalFramerBlock(c.dim, c.num_heads, c.ffn_dim, c.dropout, frame=c.frame, num_dist_basis=c.num_dist_basis,
+                               dist_basis_rmax=c.dist_basis_rmax, num_angle_basis=c.num_angle_basis,
+                               angle_basis_width=c.angle_basis_width, c_dist=c.c_dist, c_angl=c.c_angl,
+                               rvec_key=c.rvec_key)
+            for _ in range(c.num_layers))
+        self.head = nn.Sequential(nn.Linear(c.dim, c.dim), nn.ReLU(), nn.Linear(c.dim, 1))
         self.reset_parameters()
 
     @classmethod
     def from_preset(cls, name: str = "default", **overrides) -> "CrystalFramer":
         """``crystalformer`` (no frames), ``default`` (max frames, D=64) or ``lightweight`` (D=16)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(model_config(name, **overrides))
 
     def reset_parameters(self):
         """T-Fixup: xavier-uniform W1, W2, Wq, Wk, Wv, Wout with zero biases, then W1, W2, Wout, Wv
@@ -117,8 +104,11 @@ class CrystalFramer(nn.Module):
         return self.head(pooled).squeeze(-1)
 
 
-def build_model(config: Optional[dict] = None, preset: Optional[str] = None) -> CrystalFramer:
-    """Model from a preset name and/or a config dict (config wins)."""
-    if preset:
-        return CrystalFramer.from_preset(preset, **(config or {}))
-    return CrystalFramer(**(config or {}))
+def build_model(config: Union[ModelConfig, Dict[str, Any], None] = None) -> CrystalFramer:
+    """The model of a ModelConfig or of its dict (as checkpoints store it)."""
+    if isinstance(config, dict):
+        config = model_config(**config)
+    return CrystalFramer(config)
+
+
+__all__ = ["CrystalFramer", "CrystalFramerBlock", "PRESETS", "build_model"]

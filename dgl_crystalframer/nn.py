@@ -187,7 +187,7 @@ class CrystalFramerConv(nn.Module):
     c_dist, c_angl : float
         Scales of the distance and angular value encodings.
     r0, b, beta : float
-        sigma parametrisation (SPEC.md 2.1); sigma < r0 / sqrt(b).
+        sigma parametrisation (docs/METHOD.md 2.1); sigma < r0 / sqrt(b).
     rvec_key : str
         ``graph.edata`` key of the displacement vectors (source image minus destination), used when
         ``forward`` gets no ``rvec`` (see the sign convention above).

@@ -1,22 +1,11 @@
-"""Checkpoint -> predictions for crystal structure files.
-
-    python -m dgl_crystalframer predict --checkpoint runs/x/swa.pt a.cif b.vasp some_folder/ [--out preds.csv]
-
-prints ``id,<target> (<unit>)`` then one line per structure (values in the target's original
-units) on stdout; a structure that cannot be read or used gets one ``error: ...`` line on stderr
-and the others are still predicted.  The exit status is non-zero only when nothing was predicted.
-
-From Python::
+"""Checkpoint -> predictions for crystal structures (the ``predict`` command is cli/predict.py).
 
     predictor = Predictor("runs/x/swa.pt")
-    ids, values, errors = predictor.predict_files(["a.cif", "folder/"])
+    ids, values, errors = predictor.predict_files(["a.cif", "folder/"])   # values in the target's units
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
@@ -24,8 +13,11 @@ import numpy as np
 import torch
 
 from . import sparse
-from ._dgl import dgl, resolve_device
+from ._dgl import dgl
 from .batch import to_device
+from .checkpoint import load_checkpoint
+from .graph import build_graph
+from .targets import Normalizer
 
 # Folder entries that are read as structures (files named on the command line are always tried).
 STRUCTURE_SUFFIXES = {".cif", ".mcif", ".vasp", ".poscar", ".json", ".xsf", ".cssr"}
@@ -59,16 +51,13 @@ class Predictor:
     """A trained model from a checkpoint of :mod:`dgl_crystalframer.training`, ready to predict."""
 
     def __init__(self, checkpoint: str, device: str = "auto", batch_size: int = 64, backend: Optional[str] = None):
-        from .training import load_checkpoint
-
-        self.device = resolve_device(device)
+        self.device = sparse.resolve_device(device)
         if backend is not None:
             sparse.set_backend(backend)
         self.backend = sparse.select_backend(self.device)
         self.model, self.meta = load_checkpoint(checkpoint, device=self.device)
         self.batch_size = int(batch_size)
-        norm = self.meta["normalizer"]
-        self.mean, self.std = float(norm["mean"]), float(norm["std"])
+        self.normalizer = Normalizer.from_dict(self.meta["normalizer"])
         self.cutoff = self.meta.get("cutoff")
         self.target = self.meta.get("target") or "prediction"
         self.unit = self.meta.get("unit") or ""
@@ -80,14 +69,11 @@ class Predictor:
         out: List[np.ndarray] = []
         for i in range(0, len(graphs), self.batch_size):
             bg = to_device(dgl.batch(list(graphs[i:i + self.batch_size])), self.device)
-            y = self.model(bg).reshape(-1).double().cpu().numpy()
-            out.append(y * self.std + self.mean)
+            out.append(self.normalizer.decode(self.model(bg).reshape(-1).double().cpu().numpy()))
         return np.concatenate(out) if out else np.zeros(0)
 
     def graphs_for(self, structures: Iterable[Any], ids: Optional[Sequence[str]] = None):
         """Build graphs; returns ``(ids, graphs, errors)`` with one ``(id, message)`` per failure."""
-        from .graph import build_graph
-
         ok_ids, graphs, errors = [], [], []
         for k, s in enumerate(structures):
             name = str(ids[k]) if ids is not None else (str(s) if isinstance(s, (str, os.PathLike)) else str(k))
@@ -95,7 +81,7 @@ class Predictor:
                 graphs.append(build_graph(s, cutoff=self.cutoff, entry_id=name))
                 ok_ids.append(name)
             except Exception as exc:  # StructureError and whatever a file reader raises
-                errors.append((name, _message(exc)))
+                errors.append((name, error_line(exc)))
         return ok_ids, graphs, errors
 
     def predict_structures(self, structures: Sequence[Any], ids: Optional[Sequence[str]] = None):
@@ -110,44 +96,10 @@ class Predictor:
         return ids, values, errors + more
 
 
-def _message(exc: Exception) -> str:
+def error_line(exc: Exception) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER",
-                   help="structure files (CIF, POSCAR/CONTCAR/.vasp, pymatgen JSON, ...) and/or folders of them")
-    p.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by training (swa.pt, best.pt or last.pt)")
-    p.add_argument("--out", "-o", help="also write the predictions to this CSV file")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
-    p.add_argument("--backend", choices=("auto", "dgl", "torch"), default=None,
-                   help="sparse operations: DGL's kernels or plain PyTorch (default: auto)")
-    p.add_argument("--batch-size", type=int, default=64, help="crystals per inference batch (default 64)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        predictor = Predictor(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    ids, values, errors = predictor.predict_files(args.inputs)
-    for name, msg in errors:
-        print(f"error: {name}: {msg}" if not msg.startswith(str(name)) else f"error: {msg}", file=sys.stderr)
-    header = ["id", f"{predictor.target} ({predictor.unit})" if predictor.unit else predictor.target]
-    rows = [header] + [[name, f"{v:.6g}"] for name, v in zip(ids, values)]
-    csv.writer(sys.stdout, lineterminator="\n").writerows(rows)
-    sys.stdout.flush()
-    if args.out:
-        with open(args.out, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
-    if not ids:
-        print("error: nothing could be predicted", file=sys.stderr)
-        return 1
-    if errors:
-        print(f"{len(ids)} predicted, {len(errors)} failed", file=sys.stderr)
-    return 0
-
-
-__all__ = ["Predictor", "expand_inputs", "add_arguments", "run", "STRUCTURE_SUFFIXES"]
+__all__ = ["Predictor", "STRUCTURE_SUFFIXES", "error_line", "expand_inputs"]

@@ -49,6 +49,34 @@ BACKEND_ENV = "DGL_CRYSTALFRAMER_BACKEND"
 _requested: Optional[str] = None  # set_backend(); None: the environment variable, else auto
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda[:N]`` into a torch.device.
+
+    ``auto`` picks CUDA when torch sees a GPU.  Which code runs the sparse operations there (DGL's
+    CUDA kernels or plain PyTorch) is ``sparse.select_backend``'s choice, so DGL from PyPI is no
+    obstacle.  Asking for ``cuda`` when torch sees no GPU raises a RuntimeError that says how to
+    fix it.
+    """
+    name = (name or "auto").strip().lower()
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "auto" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        if name == "auto":
+            return torch.device("cpu")
+        raise RuntimeError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU "
+                           f"(a CPU-only build of torch, or no driver). " + CUDA_HELP)
+    try:
+        device = torch.device("cuda" if name == "auto" else name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {name}: torch sees only {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+
 def set_backend(name: Optional[str]) -> None:
     """Force the sparse backend for this process: ``dgl``, ``torch``, or ``auto``/None (automatic)."""
     global _requested
@@ -316,6 +344,6 @@ def per_graph_to_nodes(topo: Topology, values: torch.Tensor) -> torch.Tensor:
     return values[topo.node_graph]
 
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "Topology", "copy_e_max", "copy_e_sum", "dgl_supports", "e_dot_v", "e_mul_v",
+__all__ = ["BACKENDS", "BACKEND_ENV", "Topology", "resolve_device", "copy_e_max", "copy_e_sum", "dgl_supports", "e_dot_v", "e_mul_v",
            "edge_softmax", "edge_sum", "graph_mean", "per_graph_to_nodes", "requested_backend", "select_backend",
            "set_backend", "u_dot_v", "u_mul_e_sum"]

@@ -1,6 +1,6 @@
-"""The training recipe of SPEC.md 5, resumable and DDP-ready.
+"""The training recipe of docs/METHOD.md 5, resumable and DDP-ready.
 
-    from dgl_crystalframer.training import TrainConfig, train_and_evaluate
+    from dgl_crystalframer import TrainConfig, train_and_evaluate
     result = train_and_evaluate(TrainConfig(dataset="megnet_sample", target="e_form", preset="quick"))
 
 Recipe: targets standardised with the train mean and population std, L1 loss, AdamW (lr 5e-4,
@@ -14,10 +14,9 @@ Files under ``out_dir`` (rank 0 only):
   written atomically after every epoch, so an interrupted run (Ctrl-C, kill -9) resumed with
   ``resume=True`` ends with exactly the weights and metrics of an uninterrupted run.
 - ``best.pt``  the model with the best validation MAE; ``swa.pt`` the reported (SWA) model.
-  Every ``*.pt`` loads on its own with :func:`load_checkpoint` (model config, target name and unit,
-  normalisation, graph cutoff are inside).
-- ``log.csv`` one row per epoch; ``results.json``; ``test_predictions.csv``; ``parity.png`` and
-  ``learning_curve.png``.
+  Every ``*.pt`` loads on its own with :func:`checkpoint.load_checkpoint`.
+- ``log.csv`` one row per epoch; ``results.json``; ``split_ids.json`` (the ids of each split);
+  ``test_predictions.csv``; ``parity.png`` and ``learning_curve.png``.
 
 Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (gloo on CPU,
 nccl on CUDA), each rank trains on its own shard of every epoch's permutation (DistributedSampler,
@@ -27,16 +26,12 @@ from __future__ import annotations
 
 import copy
 import csv
-import difflib
 import io
 import json
 import math
-import os
-import random
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -47,298 +42,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import sparse
-from ._dgl import resolve_device
-from .batch import collate_for, to_device
 from .basis import default_cutoff
-from .frames import FRAME_TYPES as FRAMES
-from .model import PRESETS as _MODEL_PRESETS, build_model
-
-MODEL_PRESETS = tuple(_MODEL_PRESETS)
-TRAIN_PRESETS = ("smoke", "quick", "paper")
-JARVIS_DATASETS = ("dft_3d_2021", "dft_3d")
-CHECKPOINT_FORMAT = "dgl_crystalframer/checkpoint"
-CHECKPOINT_VERSION = 1
-
-DEFAULT_TARGETS = {"megnet_sample": "e_form", "megnet": "e_form", "dft_3d_2021": "formation_energy_peratom",
-                   "dft_3d": "formation_energy_peratom"}
-
-# Training presets.  ``paper`` follows SPEC.md 5 (epochs and batch size depend on the dataset,
-# see paper_schedule); ``quick`` is what ``python -m benchmarks.jarvis`` runs by default: the
-# paper's model on all 5,481 training crystals of the embedded MP sample, 10 epochs (about 9
-# minutes on 2 CPU cores); ``smoke`` checks the plumbing in seconds with a tiny model.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    "smoke": dict(epochs=2, batch_size=16, num_layers=1, dim=32, num_heads=4, ffn_dim=64,
-                  num_angle_basis=8, max_train=48, max_eval=32),
-    "quick": dict(epochs=10, batch_size=64, swa_epochs=2),
-    "paper": dict(),
-}
-
-MODEL_FIELDS = ("frame", "num_layers", "dim", "num_heads", "ffn_dim", "num_angle_basis", "angle_basis_width",
-                "c_dist", "c_angl", "dropout")
-# Fields that may differ between an interrupted run and its resumption.
-RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "progress", "plots", "data_dir",
-                  "cache_dir")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run (unknown key, bad value, incompatible resume)."""
-
-
-def paper_schedule(dataset: str, target: Optional[str], frame: Optional[str]) -> Dict[str, int]:
-    """Epochs and batch size of the paper (SPEC.md 5) for this dataset/target/frame."""
-    if dataset in JARVIS_DATASETS:
-        if frame == "none":
-            return dict(epochs=1600 if target == "mbj_bandgap" else 800, batch_size=256)
-        return dict(epochs=2000, batch_size=256)
-    return dict(epochs=500, batch_size=128)  # MP (megnet), the MP sample and user datasets
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; the field names are the keys of ``--config FILE``.
-
-    ``None`` means "from the preset" (``preset`` = smoke | quick | paper) or, for the model fields,
-    "from ``model_preset`` / the CrystalFramer defaults".  Explicit values always win.
-    """
-
-    # data
-    dataset: str = "megnet_sample"
-    target: Optional[str] = None  # None: the dataset's usual target (e_form, formation_energy_peratom)
-    data_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
-    split: str = "auto"
-    cutoff: Optional[float] = None  # None: derived from the sigma bound (~6.93 A)
-    max_train: Optional[int] = None  # cap on training crystals (a seeded random subset), for quick runs
-    max_eval: Optional[int] = None  # cap on validation and test crystals each
-    # model
-    frame: Optional[str] = None  # none | max | weighted_pca | static_local | pca | lattice (default max)
-    model_preset: Optional[str] = None  # crystalformer | default | lightweight
-    num_layers: Optional[int] = None
-    dim: Optional[int] = None
-    num_heads: Optional[int] = None
-    ffn_dim: Optional[int] = None
-    num_angle_basis: Optional[int] = None
-    angle_basis_width: Optional[float] = None
-    c_dist: Optional[float] = None
-    c_angl: Optional[float] = None
-    dropout: Optional[float] = None
-    # schedule
-    preset: str = "paper"
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None  # global batch (split across DDP ranks)
-    eval_batch_size: Optional[int] = None
-    lr: float = 5e-4
-    betas: Tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 1e-5
-    clip: float = 1.0
-    lr_T: float = 4000.0
-    swa_epochs: Optional[int] = None  # None: min(50, 10% of epochs)
-    seed: int = 123
-    # runtime
-    device: str = "auto"
-    backend: str = "auto"  # sparse operations: auto | dgl | torch (dgl_crystalframer.sparse)
-    threads: Optional[int] = None
-    num_workers: int = 0
-    out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
-    resume: bool = False
-    progress: bool = True
-    plots: bool = True
-
-    # -- construction -----------------------------------------------------------------------
-    @classmethod
-    def field_names(cls) -> List[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
-        """Build from a mapping; unknown keys and values of the wrong type raise ConfigError."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: expected a mapping of TrainConfig keys, got {type(values).__name__}")
-        names = cls.field_names()
-        unknown = [k for k in values if k not in names]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(str(k), names, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}. Valid keys: {', '.join(names)}")
-        hints_t = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints_t[k], source) for k, v in values.items()})
-
-    @classmethod
-    def from_file(cls, path: str, **overrides: Any) -> "TrainConfig":
-        """Read a YAML or JSON file of TrainConfig keys; ``overrides`` (non-None) win."""
-        cfg = cls.from_dict(read_config_file(path), source=f"config file {path}")
-        return cfg.with_overrides(**overrides)
-
-    def with_overrides(self, **overrides: Any) -> "TrainConfig":
-        """A copy with the non-None ``overrides`` applied (unknown keys raise ConfigError)."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if not given:
-            return replace(self)
-        merged = {f.name: getattr(self, f.name) for f in fields(self)}
-        merged.update(given)
-        return type(self).from_dict(merged, source="overrides")
-
-    # -- presets ----------------------------------------------------------------------------
-    def resolved(self) -> "TrainConfig":
-        """A copy with every ``None`` filled from the preset, validated."""
-        if self.preset not in TRAIN_PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}: use one of {', '.join(TRAIN_PRESETS)}")
-        if self.model_preset is not None and self.model_preset not in MODEL_PRESETS:
-            raise ConfigError(f"unknown model_preset {self.model_preset!r}: use one of {', '.join(MODEL_PRESETS)}")
-        c = replace(self)
-        if c.target is None:
-            c.target = DEFAULT_TARGETS.get(c.dataset)
-        if c.frame is None and c.model_preset is None:
-            c.frame = "max"
-        preset = dict(PRESETS[c.preset])
-        if c.preset == "paper":
-            frame = c.frame or _MODEL_PRESETS.get(c.model_preset, {}).get("frame", "max")
-            preset.update(paper_schedule(c.dataset, c.target, frame))
-        for k, v in preset.items():
-            if getattr(c, k) is None:
-                setattr(c, k, v)
-        if c.eval_batch_size is None:
-            c.eval_batch_size = max(c.batch_size, 64)
-        if c.swa_epochs is None:
-            c.swa_epochs = max(1, min(50, int(round(0.1 * c.epochs)))) if c.epochs >= 2 else 0
-        if c.out_dir is None:
-            c.out_dir = default_out_dir(c.dataset, c.target, c.frame or c.model_preset)
-        c.validate()
-        return c
-
-    def validate(self) -> None:
-        if self.frame is not None and self.frame not in FRAMES:
-            raise ConfigError(f"unknown frame {self.frame!r}: use one of {', '.join(FRAMES)}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name} must be >= 1 (got {v})")
-        for name in ("max_train", "max_eval", "threads"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name} must be >= 1 or unset (got {v})")
-        if self.epochs is not None and self.swa_epochs is not None and not 0 <= self.swa_epochs <= self.epochs:
-            raise ConfigError(f"swa_epochs must be between 0 and epochs={self.epochs} (got {self.swa_epochs})")
-        if not self.lr > 0 or not self.lr_T > 0 or not self.clip > 0 or self.weight_decay < 0:
-            raise ConfigError("lr, lr_T and clip must be > 0 and weight_decay >= 0")
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas must be two numbers (got {self.betas})")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0 (got {self.num_workers})")
-        if self.backend not in ("auto",) + sparse.BACKENDS:
-            raise ConfigError(f"unknown backend {self.backend!r}: use auto, dgl or torch")
-
-    def model_kwargs(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
-
-
-def read_config_file(path: str) -> Dict[str, Any]:
-    """The mapping in a YAML/JSON config file, its keys checked against TrainConfig (ConfigError)."""
-    import yaml  # JSON is YAML too
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: cannot parse it as YAML/JSON ({exc})") from exc
-    values = {} if values is None else values
-    TrainConfig.from_dict(values, source=f"config file {path}")  # raises on unknown keys / bad types
-    return values
-
-
-def default_out_dir(dataset: str, target: Optional[str], frame: Optional[str]) -> str:
-    name = Path(dataset).stem if (os.sep in dataset or os.path.exists(dataset)) else dataset
-    safe = lambda s: "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(s))  # noqa: E731
-    return os.path.join("runs", f"{safe(name)}-{safe(target)}-{safe(frame)}")
-
-
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
-    """Check/convert one config value against the field's type hint."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: {key} may not be null")
-    base = next((a for a in args if a is not type(None)), hint) if optional else hint
-    origin = typing.get_origin(base)
-    bad = ConfigError(f"{source}: {key} must be {getattr(base, '__name__', base)}, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
-            raise bad
-        return tuple(float(x) for x in value)
-    if base is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise bad
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if base is str:
-        if not isinstance(value, (str, os.PathLike)):
-            raise bad
-        return str(value)
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
-# small helpers
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> Dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` so that a reader (or a resumed run) never sees a partial file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from .batch import collate_for, to_device
+from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint
+from .config import RUNTIME_FIELDS, TrainConfig
+from .errors import ConfigError, DataError
+from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
+from .model import build_model
+from .plots import write_plots
+from .targets import Normalizer
 
 
 def load_splits(cfg: TrainConfig, progress: bool = True):
@@ -425,76 +137,6 @@ class SWA:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Load any checkpoint this module writes (best.pt, swa.pt, last.pt) -> (model in eval mode, meta).
-
-    ``meta`` holds ``target``, ``unit``, ``normalizer`` ({"mean", "std"}: prediction in original
-    units = model(bg) * std + mean), ``cutoff`` (the graph cutoff the model was trained with),
-    ``model_config``, ``dataset``, ``frame``, ``kind`` and ``epoch``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable dgl_crystalframer checkpoint ({exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a dgl_crystalframer checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    model = build_model(ckpt["meta"]["model_config"])
-    model.load_state_dict(ckpt["model"])
-    model.to(resolve_device(str(device)) if isinstance(device, str) else device)
-    model.eval()
-    return model, dict(ckpt["meta"])
-
-
-def _checkpoint(kind: str, model_state: Dict[str, Any], meta: Dict[str, Any], epoch: int,
-                val_mae: Optional[float] = None, train_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model_state,
-            "meta": dict(meta, kind=kind, epoch=epoch, val_mae=val_mae)}
-    if train_state is not None:
-        ckpt["train_state"] = train_state
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owned: bool = False  # we initialised the process group (and destroy it at the end)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device.type == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owned=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # the trainer
 
 
@@ -508,7 +150,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: Any = None):
         self.cfg = cfg.resolved()
         self._data = data
-        self.dist = _Dist()
+        self.dist = DistInfo()
         self.model: Optional[torch.nn.Module] = None
         self.swa: Optional[SWA] = None
         self.result: Optional[Dict[str, Any]] = None
@@ -543,8 +185,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg.device)
-        self.dist = _init_distributed(device)
+        device = sparse.resolve_device(cfg.device)
+        self.dist = init_distributed(device)
         if self.dist.world > 1 and device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
@@ -560,11 +202,10 @@ class Trainer:
         self.val_ds = _cap(splits.val, cfg.max_eval, cfg.seed + 1)
         self.test_ds = _cap(splits.test, cfg.max_eval, cfg.seed + 2)
         if len(self.train_ds) == 0 or len(self.val_ds) == 0 or len(self.test_ds) == 0:
-            raise ValueError(f"empty split: train {len(self.train_ds)}, val {len(self.val_ds)}, test {len(self.test_ds)}")
-        y = _targets(self.train_ds)
-        self.mean, self.std = float(y.mean()), float(y.std())  # population std (ddof=0)
-        if not math.isfinite(self.std) or self.std <= 0:
-            self.std = 1.0
+            raise DataError(f"{cfg.dataset}: empty split ({info.get('split', 'given splits')}: train {len(self.train_ds)}, "
+                            f"val {len(self.val_ds)}, test {len(self.test_ds)}): training needs entries in all three; "
+                            "add some, or drop the split column for a random 80/10/10 split")
+        self.normalizer = Normalizer.fit(_targets(self.train_ds))
         target = info.get("target", cfg.target)
         self.target = target if isinstance(target, str) else cfg.target
         self.unit = str(info.get("unit") or "")
@@ -573,8 +214,8 @@ class Trainer:
         # DataLoader workers batch on CPU; the torch backend gets plain tensors (pinned for a GPU)
         self.collate = collate_for(self.device, self.backend)
         self.pin_memory = self.device.type == "cuda"
-        model = build_model(cfg.model_kwargs(), cfg.model_preset)
-        self.cfg.frame = model.config.get("frame", cfg.frame)
+        model = build_model(cfg.model_config())
+        self.frame = model.config.frame
         model.to(self.device)
         self.model = model
         self.n_params = model.num_parameters()
@@ -597,9 +238,9 @@ class Trainer:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.meta = {
-            "model_config": dict(model.config), "target": self.target, "unit": self.unit,
-            "normalizer": {"mean": self.mean, "std": self.std}, "cutoff": self.cutoff,
-            "dataset": cfg.dataset, "frame": self.cfg.frame, "params": self.n_params,
+            "model_config": model.config.as_dict(), "target": self.target, "unit": self.unit,
+            "normalizer": self.normalizer.as_dict(), "cutoff": self.cutoff,
+            "dataset": cfg.dataset, "frame": self.frame, "params": self.n_params,
             "train_config": _plain(asdict(self.cfg)),
         }
 
@@ -628,11 +269,11 @@ class Trainer:
             self.swa = SWA(self.model)
             self.swa.load_state_dict(st["swa"])
         rng = st["rng"]
-        _set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
         self._log(f"resumed from {path}: {self.epoch}/{self.cfg.epochs} epochs done")
 
     def _save_last(self) -> None:
-        states = [_rng_state()]
+        states = [rng_state()]
         if self.dist.world > 1:
             gathered: List[Any] = [None] * self.dist.world
             dist.all_gather_object(gathered, states[0])
@@ -645,7 +286,7 @@ class Trainer:
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_model": self.best_state,
             "swa": self.swa.state_dict() if self.swa is not None else None, "rng": states,
         }
-        atomic_torch_save(_checkpoint("last", self.model.state_dict(), self.meta, epoch=self.epoch,
+        atomic_torch_save(make_checkpoint("last", self.model.state_dict(), self.meta, epoch=self.epoch,
                                       train_state=train_state), self.out / "last.pt")
 
     # -- loops --------------------------------------------------------------------------------
@@ -676,7 +317,7 @@ class Trainer:
         for bg, y in loader:
             bg = to_device(bg, self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True).reshape(len(y), -1)[:, 0].float()
-            yn = (y - self.mean) / self.std
+            yn = self.normalizer.encode(y)
             pred = self.ddp(bg).reshape(-1)
             loss = F.l1_loss(pred, yn)
             self.optimizer.zero_grad(set_to_none=True)
@@ -708,7 +349,7 @@ class Trainer:
         if self.dist.world > 1:
             dist.all_reduce(stats)
         train_loss = float(stats[0] / stats[1])
-        return {"train_loss": train_loss, "train_mae": train_loss * self.std, "lr": self.lr_at(self.step - 1),
+        return {"train_loss": train_loss, "train_mae": train_loss * self.normalizer.std, "lr": self.lr_at(self.step - 1),
                 "train_seconds": seconds, "crystals_per_second": float(stats[1]) / seconds, "swa": in_swa,
                 "n_samples": int(stats[1])}
 
@@ -725,7 +366,7 @@ class Trainer:
             preds.append(model(to_device(bg, self.device, non_blocking=True)).reshape(-1).double())
             targets.append(y.reshape(len(y), -1)[:, 0].double())
         model.train(was_training)
-        p = (torch.cat(preds).cpu() * self.std + self.mean).numpy() if preds else np.zeros(0)
+        p = self.normalizer.decode(torch.cat(preds).cpu()).numpy() if preds else np.zeros(0)
         t = torch.cat(targets).numpy() if targets else np.zeros(0)
         if self.dist.world > 1:
             gathered: List[Any] = [None] * self.dist.world
@@ -754,7 +395,7 @@ class Trainer:
         if cfg.resume:
             self._try_resume()
         self._log(f"{cfg.dataset}/{self.target}: {len(self.train_ds)} train, {len(self.val_ds)} val, "
-                  f"{len(self.test_ds)} test crystals; frame {cfg.frame}, {self.n_params:,} parameters, "
+                  f"{len(self.test_ds)} test crystals; frame {self.frame}, {self.n_params:,} parameters, "
                   f"{cfg.epochs} epochs ({cfg.swa_epochs} SWA) of {self.steps_per_epoch} steps, device {self.device} "
                   f"(backend {self.backend})"
                   + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
@@ -769,7 +410,7 @@ class Trainer:
                 self.best_val, self.best_epoch = val_mae, self.epoch
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 if self.dist.main:
-                    atomic_torch_save(_checkpoint("best", self.best_state, self.meta, epoch=self.epoch, val_mae=val_mae),
+                    atomic_torch_save(make_checkpoint("best", self.best_state, self.meta, epoch=self.epoch, val_mae=val_mae),
                                       self.out / "best.pt")
             metrics.update(epoch=self.epoch, val_mae=val_mae, best_val_mae=self.best_val,
                            seconds=time.perf_counter() - t0)
@@ -793,7 +434,7 @@ class Trainer:
         w.writeheader()
         for row in self.history:
             w.writerow(row)
-        _atomic_write_text(self.out / "log.csv", buf.getvalue())
+        atomic_write_text(self.out / "log.csv", buf.getvalue())
 
     def _finish(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -810,14 +451,15 @@ class Trainer:
             best_model.load_state_dict(self.best_state)
             best_test = self.evaluate(best_model, self.test_ds)
         train_ids = set(_ids(self.train_ds))
-        y_train_mean = self.mean
+        y_train_mean = self.normalizer.mean
         seconds = sum(h["seconds"] for h in self.history)
         train_seconds = sum(h["train_seconds"] for h in self.history)
         samples = sum(h["n_samples"] for h in self.history)
         result = {
-            "dataset": cfg.dataset, "target": self.target, "unit": self.unit, "frame": cfg.frame,
+            "dataset": cfg.dataset, "target": self.target, "unit": self.unit, "frame": self.frame,
             "preset": cfg.preset, "model_preset": cfg.model_preset, "sample_size_run": cfg.dataset == "megnet_sample",
             "n_train": len(self.train_ds), "n_val": len(self.val_ds), "n_test": len(self.test_ds),
+            "split": self.info.get("split"),
             "test_mae": test_mae, "val_mae": val_mae, "reported_model": kind,
             "best_val_mae": self.best_val, "best_epoch": self.best_epoch, "best_test_mae": best_test,
             "test_mae_of_train_mean": float(np.mean(np.abs(test_true - y_train_mean))),
@@ -826,14 +468,17 @@ class Trainer:
             "crystals_per_second": samples / train_seconds if train_seconds > 0 else None,
             "latency_ms_per_crystal": 1000.0 * latency,
             "device": str(self.device), "backend": self.backend, "threads": torch.get_num_threads(), "world_size": self.dist.world,
-            "seed": cfg.seed, "normalizer": {"mean": self.mean, "std": self.std}, "cutoff": self.cutoff,
+            "seed": cfg.seed, "normalizer": self.normalizer.as_dict(), "cutoff": self.cutoff,
             "out_dir": str(self.out), "checkpoint": str(self.out / "swa.pt"),
             "train_test_overlap": len(train_ids & set(_ids(self.test_ds))),
             "config": _plain(asdict(cfg)),
         }
         if self.dist.main:
-            atomic_torch_save(_checkpoint(kind, final.state_dict(), self.meta, epoch=self.epoch, val_mae=val_mae),
+            atomic_torch_save(make_checkpoint(kind, final.state_dict(), self.meta, epoch=self.epoch, val_mae=val_mae),
                               self.out / "swa.pt")
+            split_ids = {"split": self.info.get("split"), "train": _ids(self.train_ds), "val": _ids(self.val_ds),
+                         "test": _ids(self.test_ds)}
+            atomic_write_text(self.out / "split_ids.json", json.dumps(split_ids) + "\n")
             with open(self.out / "test_predictions.csv", "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["id", f"{self.target}", "prediction"])
@@ -842,10 +487,10 @@ class Trainer:
             if cfg.plots:
                 try:
                     write_plots(self.out, self.history, test_true, test_pred, self.target, self.unit,
-                                title=f"{cfg.dataset} {self.target}, frame {cfg.frame}")
+                                title=f"{cfg.dataset} {self.target}, frame {self.frame}")
                 except Exception as exc:  # plots are a convenience; never lose a run over them
                     self._log(f"warning: plots not written ({exc})")
-            _atomic_write_text(self.out / "results.json", json.dumps(result, indent=2) + "\n")
+            atomic_write_text(self.out / "results.json", json.dumps(result, indent=2) + "\n")
             self._log(f"test MAE {test_mae:.4g} {self.unit} ({kind} model; best-val model {best_test if best_test is None else f'{best_test:.4g}'}); "
                       f"results in {self.out / 'results.json'}")
         self.result = result
@@ -861,49 +506,9 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def write_plots(out_dir: Path, history: List[Dict[str, Any]], y_true: np.ndarray, y_pred: np.ndarray,
-                target: str, unit: str, title: str = "") -> None:
-    """``parity.png`` (test set) and ``learning_curve.png`` (train/val MAE per epoch) in ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    label = f"{target} ({unit})" if unit else str(target)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(y_true, y_pred, s=6, alpha=0.6)
-    if len(y_true):
-        lo, hi = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    mae = float(np.mean(np.abs(y_true - y_pred))) if len(y_true) else float("nan")
-    ax.set_xlabel(f"DFT {label}")
-    ax.set_ylabel(f"predicted {label}")
-    ax.set_title(f"{title}\ntest MAE {mae:.4g}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / "parity.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["train_mae"] for h in history], label="train MAE")
-    ax.plot(ep, [h["val_mae"] for h in history], label="val MAE")
-    swa = [h["epoch"] for h in history if h.get("swa")]
-    if swa:
-        ax.axvspan(min(swa) - 1, max(swa), color="grey", alpha=0.15, label="SWA")
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"MAE ({unit})" if unit else "MAE")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "learning_curve.png", dpi=120)
-    plt.close(fig)
-
-
 def train_and_evaluate(cfg: TrainConfig, epoch_callback: Optional[Callable[[int, Dict[str, Any]], Any]] = None,
                        data: Any = None) -> Dict[str, Any]:
-    """Train with the SPEC.md 5 recipe, evaluate the SWA model on the test split, return the results.
+    """Train with the docs/METHOD.md 5 recipe, evaluate the SWA model on the test split, return the results.
 
     ``epoch_callback(epoch, metrics)`` runs after every epoch (after its checkpoint is written) with
     ``metrics`` holding at least ``val_mae``, ``train_loss``, ``train_mae``, ``lr``, ``seconds``;
@@ -913,5 +518,4 @@ def train_and_evaluate(cfg: TrainConfig, epoch_callback: Optional[Callable[[int,
     return Trainer(cfg, data=data).fit(epoch_callback)
 
 
-__all__ = ["TrainConfig", "Trainer", "train_and_evaluate", "load_checkpoint", "ConfigError", "PRESETS",
-           "paper_schedule", "FRAMES", "read_config_file", "seed_everything", "write_plots", "SWA"]
+__all__ = ["SWA", "Trainer", "load_splits", "train_and_evaluate", "weight_decay_groups"]

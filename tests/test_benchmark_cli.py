@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import jarvis
-from dgl_crystalframer.training import FRAMES
+from dgl_crystalframer.cli import train as train_cli
+from dgl_crystalframer.config import FRAME_TYPES as FRAMES
 from test_training import write_small_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,10 +85,10 @@ def test_table_puts_published_jarvis_rows_next_to_ours():
 def test_config_file_and_flag_precedence(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("preset: smoke\nepochs: 5\nbatch_size: 4\nlr: 0.001\n")
-    args = jarvis.build_parser().parse_args(["--config", str(cfg_file), "--epochs", "2", "--frame", "none"])
-    cfg = jarvis.config_from_args(args)
+    args = train_cli.build_parser().parse_args(["--config", str(cfg_file), "--epochs", "2", "--frame", "none"])
+    cfg = train_cli.config_from_args(args)
     assert (cfg.preset, cfg.epochs, cfg.batch_size, cfg.lr, cfg.frame) == ("smoke", 2, 4, 0.001, "none")
-    assert jarvis.config_from_args(jarvis.build_parser().parse_args([])).preset == "quick"
+    assert train_cli.config_from_args(train_cli.build_parser().parse_args([])).preset == "quick"
     cfg_file.write_text("epochs: 5\nepoch: 3\n")
     proc = _cli("--config", str(cfg_file))
     assert proc.returncode == 2

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from dgl_crystalframer import data
+from dgl_crystalframer import graph_cache, splits
 from dgl_crystalframer._dgl import dgl
-from dgl_crystalframer.data import collate, load_dataset, paper_split, paper_split_sizes
+from dgl_crystalframer.batch import collate
+from dgl_crystalframer.data import load_dataset
+from dgl_crystalframer.sources import OFFLINE_ENV, SAMPLE_PATH
+from dgl_crystalframer.targets import TARGET_UNITS, resolve_target
+from dgl_crystalframer.splits import MEGNET_FIXED_SIZES, paper_split, paper_split_sizes
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "jarvis_dft3d_2021_sample")
 SHARED = os.path.abspath(SHARED)
@@ -33,7 +37,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sample_entries():
     """12 small real crystals (with e_form) from the embedded sample."""
-    with gzip.open(data.SAMPLE_PATH, "rb") as fh:
+    with gzip.open(SAMPLE_PATH, "rb") as fh:
         doc = json.loads(fh.read())
     small = [e for e in doc["entries"] if len(e["species"]) <= 6 and e["targets"]["e_form"] is not None]
     return small[:: max(1, len(small) // 12)][:12]
@@ -61,10 +65,12 @@ def _fake_graph(*args, **kwargs):
 
 
 def test_paper_split_sizes_match_spec():
-    assert paper_split_sizes(55722) == (44578, 5572, 5572)
-    assert paper_split_sizes(18171) == (14537, 1817, 1817)
-    assert paper_split_sizes(55370) == (44296, 5537, 5537)
-    assert paper_split_sizes(69239, data.MEGNET_FIXED_SIZES) == (60000, 5000, 4239)
+    """The reference code's sizes for the usable entries of each JARVIS target (docs/METHOD.md 6):
+    n_train = int(0.8 n), the one or two entries left over are unused."""
+    assert paper_split_sizes(55723) == (44578, 5572, 5572)
+    assert paper_split_sizes(18172) == (14537, 1817, 1817)
+    assert paper_split_sizes(55371) == (44296, 5537, 5537)
+    assert paper_split_sizes(69239, MEGNET_FIXED_SIZES) == (60000, 5000, 4239)
 
 
 def test_paper_split_is_the_reference_algorithm():
@@ -73,8 +79,8 @@ def test_paper_split_is_the_reference_algorithm():
     ids = list(range(n))
     random.seed(123)
     random.shuffle(ids)
-    assert train == ids[:803] and val == ids[-(100 + 100):-100] and test == ids[-100:]
-    assert len(set(train) | set(val) | set(test)) == n
+    assert train == ids[:802] and val == ids[-(100 + 100):-100] and test == ids[-100:]
+    assert len(set(train) | set(val) | set(test)) == n - 1  # ids[802] is unused, as in the reference
 
 
 # ------------------------------------------------------------------------------ embedded sample
@@ -83,7 +89,7 @@ def test_paper_split_is_the_reference_algorithm():
 def test_sample_bulk_loads_with_paper_split(cache_dir):
     d = load_dataset("megnet_sample", "bulk", cache_dir=cache_dir, progress=False)
     assert d.info["target"] == "log10_k_vrh" and d.info["unit"] == "log10(GPa)"
-    assert (len(d.train), len(d.val), len(d.test)) == (945, 118, 118)
+    assert (len(d.train), len(d.val), len(d.test)) == (944, 118, 118)
     assert d.info["split"].startswith("paper")
     assert not set(d.train.ids) & set(d.test.ids) and all(i.startswith("mp-") for i in d.val.ids)
     g, y = d.train[0]
@@ -96,7 +102,7 @@ def test_sample_bulk_loads_with_paper_split(cache_dir):
 
 
 def test_sample_eform_gap_use_leaderboard_split(monkeypatch):
-    monkeypatch.setattr(data, "build_graph", _fake_graph)
+    monkeypatch.setattr(graph_cache, "build_graph", _fake_graph)
     for target in ("e_form", "gap pbe"):
         d = load_dataset("megnet_sample", target, progress=False, use_cache=False)
         assert (len(d.train), len(d.val), len(d.test)) == (5481, 434, 362)
@@ -183,7 +189,7 @@ def test_missing_targets_and_bad_structures_are_skipped_and_logged(tmp_path, sam
     records.append({"jid": "BROKEN-1", "atoms": overlapping, "e_form": -1.0})
     records.append({"jid": "BROKEN-2", "atoms": {"lattice_mat": [[1, 0, 0]], "coords": [], "elements": []}, "e_form": -1.0})
     (tmp_path / "bad.json").write_text(json.dumps(records))
-    with caplog.at_level(logging.INFO, logger="dgl_crystalframer.data"):
+    with caplog.at_level(logging.INFO, logger="dgl_crystalframer"):
         d = load_dataset(str(tmp_path / "bad.json"), "e_form", cache_dir=cache_dir, progress=False)
     assert d.info["n_skipped_target"] == 4
     assert set(d.info["failed"]) == {"BROKEN-1", "BROKEN-2"}
@@ -195,7 +201,7 @@ def test_missing_targets_and_bad_structures_are_skipped_and_logged(tmp_path, sam
     assert "BROKEN-1" not in all_ids and len(all_ids) == 14 - 4 - 2
     # cached failures are reported again, never silently
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dgl_crystalframer.data"):
+    with caplog.at_level(logging.WARNING, logger="dgl_crystalframer"):
         d2 = load_dataset(str(tmp_path / "bad.json"), "e_form", cache_dir=cache_dir, progress=False)
     assert d2.info["n_built"] == 0 and "BROKEN-1" in caplog.text
 
@@ -204,7 +210,7 @@ def test_duplicate_ids_are_kept_and_renamed(tmp_path, sample_entries, cache_dir,
     recs = [{"jid": "same", "atoms": {"lattice_mat": e["lattice"], "coords": e["frac_coords"], "elements": e["species"]},
              "e_form": e["targets"]["e_form"]} for e in sample_entries]
     (tmp_path / "dup.json").write_text(json.dumps(recs))
-    with caplog.at_level(logging.WARNING, logger="dgl_crystalframer.data"):
+    with caplog.at_level(logging.WARNING, logger="dgl_crystalframer"):
         d = load_dataset(str(tmp_path / "dup.json"), "e_form", cache_dir=cache_dir, progress=False)
     assert "duplicate ids" in caplog.text
     assert sorted(d.train.ids + d.val.ids + d.test.ids) == sorted(["same"] + [f"same#{k}" for k in range(2, 13)])
@@ -238,7 +244,7 @@ def test_cache_hit_avoids_rebuilding(tmp_path, sample_entries, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("graph rebuilt despite a valid cache")
 
-    monkeypatch.setattr(data, "build_graph", fail)
+    monkeypatch.setattr(graph_cache, "build_graph", fail)
     d2 = load_dataset(path, "y", cache_dir=cache, progress=False)
     assert d2.info["n_built"] == 0 and d2.info["n_from_cache"] == 12
     assert d2.train.ids == d1.train.ids
@@ -259,7 +265,7 @@ def test_corrupt_or_stale_cache_is_rebuilt(tmp_path, sample_entries, caplog):
     for b in bins:
         with open(b, "wb") as fh:
             fh.write(b"garbage" * 100)
-    with caplog.at_level(logging.WARNING, logger="dgl_crystalframer.data"):
+    with caplog.at_level(logging.WARNING, logger="dgl_crystalframer"):
         d = load_dataset(path, "y", cache_dir=cache, progress=False)
     assert d.info["n_built"] == 12 and "discarding" in caplog.text
     # truncated graph file / unreadable manifest
@@ -281,7 +287,7 @@ def test_unwritable_cache_is_not_fatal(tmp_path, sample_entries, caplog):
     path = _write_csv(tmp_path, sample_entries[:4])
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.WARNING, logger="dgl_crystalframer.data"):
+    with caplog.at_level(logging.WARNING, logger="dgl_crystalframer"):
         d = load_dataset(path, "y", cache_dir=str(blocker), progress=False)
     assert len(d.train) + len(d.val) + len(d.test) == 4 and "continuing without caching" in caplog.text
 
@@ -289,8 +295,8 @@ def test_unwritable_cache_is_not_fatal(tmp_path, sample_entries, caplog):
 def test_interrupted_build_resumes(tmp_path, sample_entries, monkeypatch):
     path = _write_csv(tmp_path, sample_entries)
     cache = str(tmp_path / "cache")
-    monkeypatch.setattr(data, "CHUNK_SIZE", 4)
-    real = data.build_graph
+    monkeypatch.setattr(graph_cache, "CHUNK_SIZE", 4)
+    real = graph_cache.build_graph
     calls = {"n": 0}
 
     def interrupt_after_seven(*a, **k):
@@ -299,10 +305,10 @@ def test_interrupted_build_resumes(tmp_path, sample_entries, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(data, "build_graph", interrupt_after_seven)
+    monkeypatch.setattr(graph_cache, "build_graph", interrupt_after_seven)
     with pytest.raises(KeyboardInterrupt):
         load_dataset(path, "y", cache_dir=cache, progress=False)
-    monkeypatch.setattr(data, "build_graph", real)
+    monkeypatch.setattr(graph_cache, "build_graph", real)
     d = load_dataset(path, "y", cache_dir=cache, progress=False)
     assert d.info["n_from_cache"] == 7 and d.info["n_built"] == 5
 
@@ -312,9 +318,9 @@ def test_interrupted_build_resumes(tmp_path, sample_entries, monkeypatch):
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared/data/jarvis_dft3d_2021_sample is not here")
 def test_dft_3d_2021_shared_sample_paper_and_leaderboard(cache_dir, monkeypatch):
-    monkeypatch.setattr(data, "leaderboard_membership", lambda task: None)  # use the records' field
+    monkeypatch.setattr(splits, "leaderboard_membership", lambda task: None)  # use the records' field
     d = load_dataset("dft_3d_2021", "formation_energy_peratom", data_dir=SHARED, cache_dir=cache_dir, progress=False)
-    assert (len(d.train), len(d.val), len(d.test)) == paper_split_sizes(251) == (201, 25, 25)
+    assert (len(d.train), len(d.val), len(d.test)) == paper_split_sizes(251) == (200, 25, 25)
     assert d.info["unit"] == "eV/atom" and d.info["n_failed"] == 0
     # the first three targets share one split
     d2 = load_dataset("dft_3d_2021", "optb88vdw_bandgap", data_dir=SHARED, cache_dir=cache_dir, progress=False)
@@ -322,7 +328,8 @@ def test_dft_3d_2021_shared_sample_paper_and_leaderboard(cache_dir, monkeypatch)
     lb = load_dataset("dft_3d_2021", "e_form", data_dir=SHARED, split="leaderboard", cache_dir=cache_dir, progress=False)
     assert (len(lb.train), len(lb.val), len(lb.test)) == (210, 18, 23)
     mbj = load_dataset("dft_3d_2021", "mbj_bandgap", data_dir=SHARED, cache_dir=cache_dir, progress=False)
-    assert mbj.info["n_skipped_target"] == 119 and len(mbj.train) + len(mbj.val) + len(mbj.test) == 132
+    assert mbj.info["n_skipped_target"] == 119 and mbj.info["n_unassigned"] == 1  # 132 usable: int(0.8 n) + 2 int(0.1 n) = 131
+    assert (len(mbj.train), len(mbj.val), len(mbj.test)) == paper_split_sizes(132) == (105, 13, 13)
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared/data/jarvis_dft3d_2021_sample is not here")
@@ -353,7 +360,7 @@ def test_megnet_source_through_jarvis_tools(tmp_path, sample_entries, cache_dir,
                      "bulk modulus": 100.0 + k if k % 3 else "na", "shear modulus": "na"})
     with zipfile.ZipFile(tmp_path / "megnet.json.zip", "w") as zf:
         zf.writestr("megnet.json", json.dumps(recs))
-    with caplog.at_level(logging.INFO, logger="dgl_crystalframer.data"):
+    with caplog.at_level(logging.INFO, logger="dgl_crystalframer"):
         d = load_dataset("megnet", "e_form", data_dir=str(tmp_path), cache_dir=cache_dir, progress=False)
     assert d.info["n_skipped_target"] == 1  # e_form and gap pbe are filtered jointly
     assert (len(d.train), len(d.val), len(d.test)) == paper_split_sizes(11) and "60000/5000/4239" in caplog.text
@@ -363,7 +370,7 @@ def test_megnet_source_through_jarvis_tools(tmp_path, sample_entries, cache_dir,
 
 
 def test_missing_jarvis_file_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.OFFLINE_ENV, "1")
+    monkeypatch.setenv(OFFLINE_ENV, "1")
     t0 = time.perf_counter()
     with pytest.raises(FileNotFoundError) as info:
         load_dataset("dft_3d_2021", "formation_energy_peratom", data_dir=str(tmp_path), progress=False)
@@ -378,7 +385,7 @@ def test_missing_jarvis_file_fails_fast_with_a_clear_message(tmp_path, monkeypat
 def test_unknown_source_and_aliases():
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("no_such_dataset_or_file", "x")
-    assert data.resolve_target("dft_3d_2021", "e_form") == "formation_energy_peratom"
-    assert data.resolve_target("megnet", "gap_pbe") == "gap pbe"
-    assert data.resolve_target("megnet_sample", "shear") == "log10_g_vrh"
-    assert data.TARGET_UNITS["dft_3d_2021"]["ehull"] == "eV"
+    assert resolve_target("dft_3d_2021", "e_form") == "formation_energy_peratom"
+    assert resolve_target("megnet", "gap_pbe") == "gap pbe"
+    assert resolve_target("megnet_sample", "shear") == "log10_g_vrh"
+    assert TARGET_UNITS["dft_3d_2021"]["ehull"] == "eV"

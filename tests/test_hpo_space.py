@@ -3,7 +3,7 @@ import pytest
 
 pytest.importorskip("optuna")
 
-from hpo import space as S  # noqa: E402
+from dgl_crystalframer.hpo import space as S  # noqa: E402
 
 
 def test_declared_space_covers_the_issue():

@@ -9,12 +9,13 @@ yaml = pytest.importorskip("yaml")
 
 from optuna.trial import TrialState  # noqa: E402
 
-from hpo import fake  # noqa: E402
-from hpo import space as S  # noqa: E402
-from hpo.__main__ import main  # noqa: E402
-from hpo.objective import Trainer  # noqa: E402
-from hpo.report import run_report  # noqa: E402
-from hpo.sweep import SweepSettings, run_sweep  # noqa: E402
+from dgl_crystalframer.errors import ConfigError  # noqa: E402
+from dgl_crystalframer.hpo import fake  # noqa: E402
+from dgl_crystalframer.hpo import space as S  # noqa: E402
+from dgl_crystalframer.hpo.cli import main_report, main_sweep  # noqa: E402
+from dgl_crystalframer.hpo.objective import Trainer  # noqa: E402
+from dgl_crystalframer.hpo.report import run_report  # noqa: E402
+from dgl_crystalframer.hpo.sweep import SweepSettings, run_sweep  # noqa: E402
 
 @pytest.fixture
 def tmp_path(tmp_path):
@@ -76,12 +77,12 @@ def test_resume_is_study_wide_and_settings_must_match(tmp_path):
     assert len(study.trials) == 5  # resumed: 3 + 2, not 3 + 5
     study = run_sweep(settings(tmp_path, n_trials=5), Trainer(fake.train))
     assert len(study.trials) == 5  # nothing to do
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings"):
         run_sweep(settings(tmp_path, n_trials=6, target="gap"), Trainer(fake.train))
     narrower = S.narrow(SMALL, {"frame": "max"})
-    with pytest.raises(SystemExit, match="space"):
+    with pytest.raises(ConfigError, match="space"):
         run_sweep(settings(tmp_path, n_trials=6, space=narrower), Trainer(fake.train))
-    with pytest.raises(SystemExit, match="objective"):
+    with pytest.raises(ConfigError, match="objective"):
         run_sweep(settings(tmp_path, n_trials=6, objectives=("mae", "latency")), Trainer(fake.train))
 
 
@@ -172,24 +173,19 @@ def test_report_tables_best_config_and_plots(tmp_path, capsys):
 
 
 def test_best_config_keys_are_train_config_fields(tmp_path):
-    training = pytest.importorskip("dgl_crystalframer.training",
-                                   reason="dgl_crystalframer.training not available yet")
-    import dataclasses
-
-    from hpo.objective import real_trainer
+    from dgl_crystalframer.config import TrainConfig, read_config_file
+    from dgl_crystalframer.hpo.objective import real_trainer
 
     trainer = real_trainer()
     cfg = trainer.complete({"dataset": "megnet_sample", "target": "e_form", "frame": "max"})
-    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    fields = set(TrainConfig.field_names())
     assert set(cfg) == fields
     study = run_sweep(settings(tmp_path, n_trials=2), Trainer(fake.train, complete=trainer.complete))
     files = run_report("t", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep", plots=False)
     best = yaml.safe_load(files["best_config"].read_text())
     assert set(best) <= fields
-    training.TrainConfig.from_dict(best).resolved()
-    read = getattr(training, "read_config_file", None)  # what benchmarks.jarvis --config uses
-    if read is not None:
-        assert read(str(files["best_config"])) == best
+    TrainConfig.from_dict(best).resolved()
+    assert read_config_file(str(files["best_config"])) == best  # what train --config reads
     assert study.best_trial.user_attrs["config"]["frame"] == best["frame"]
 
 
@@ -208,36 +204,36 @@ def test_missing_plot_backends_warn_instead_of_crashing(tmp_path, monkeypatch, c
 
 
 def test_cli_end_to_end_with_the_test_hook(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HPO_TRAINER", "hpo.fake:train")
+    monkeypatch.setenv("HPO_TRAINER", "dgl_crystalframer.hpo.fake:train")
     space_file = tmp_path / "space.yaml"
     space_file.write_text("num_angle_basis: [64]\nbatch_size: 64\nfixed:\n  epochs: 3\n")
     argv = ["--study", "cli", "--dataset", "megnet_sample", "--target", "e_form", "--n-trials", "4",
             "--out", str(tmp_path), "--frames", "max,none", "--layers", "2..3", "--lr", "5e-4",
             "--space", str(space_file), "--sampler", "grid", "--seed", "7"]
-    assert main(argv) == 0
+    assert main_sweep(argv) == 0
     study = optuna.load_study(study_name="cli", storage=f"sqlite:///{tmp_path}/hpo.db")
     combos = {(t.params["frame"], t.params["num_layers"]) for t in study.trials}
     assert combos == {("max", 2), ("max", 3), ("none", 2), ("none", 3)}  # the whole 2x2 grid
     assert study.trials[0].user_attrs["config"]["epochs"] == 3
     assert study.trials[0].user_attrs["config"]["seed"] == 7
-    assert main(["report", "--study", "cli", "--out", str(tmp_path), "--no-plots"]) == 0
+    assert main_report(["--study", "cli", "--out", str(tmp_path), "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "best trial" in out
     assert (tmp_path / "cli" / "report" / "best_config.yaml").exists()
 
 
 def test_cli_errors_are_clear(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HPO_TRAINER", "hpo.fake:train")
+    monkeypatch.setenv("HPO_TRAINER", "dgl_crystalframer.hpo.fake:train")
     common = ["--study", "e", "--dataset", "d", "--target", "t", "--n-trials", "1", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match="bogus"):
-        main(common + ["--frames", "max,bogus"])
-    with pytest.raises(SystemExit, match="searched"):
-        main(common + ["--set", "num_layers=3"])
+    with pytest.raises(ConfigError, match="bogus"):
+        main_sweep(common + ["--frames", "max,bogus"])
+    with pytest.raises(ConfigError, match="searched"):
+        main_sweep(common + ["--set", "num_layers=3"])
     with pytest.raises(SystemExit) as e:
-        main(["--help"])
+        main_sweep(["--help"])
     assert e.value.code == 0
     assert "--n-trials" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="no study"):
+    with pytest.raises(ConfigError, match="no study"):
         run_sweep(settings(tmp_path, n_trials=1), Trainer(fake.train))
         run_report("missing", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep")
 

@@ -22,7 +22,7 @@ optuna = pytest.importorskip("optuna")
 
 from optuna.trial import TrialState  # noqa: E402
 
-from hpo.storage import normalize_url  # noqa: E402
+from dgl_crystalframer.hpo.storage import normalize_url  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 12
@@ -59,7 +59,7 @@ def setup(request, tmp_path):
     """(storage URL, extra `python -m hpo` arguments, extra environment) of one test variant."""
     if request.param == "sqlite":
         return (f"sqlite:///{tmp_path}/hpo.db", ["--dataset", "megnet_sample", "--epochs", "4"],
-                {"HPO_TRAINER": "hpo.fake:train", "HPO_FAKE_EPOCH_SECONDS": "0.25"})
+                {"HPO_TRAINER": "dgl_crystalframer.hpo.fake:train", "HPO_FAKE_EPOCH_SECONDS": "0.25"})
     from dgl_crystalframer.data import load_dataset
     from test_training import write_small_dataset
 

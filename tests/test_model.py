@@ -91,17 +91,17 @@ def assert_same(a, b, what):
     assert rel_pooled < REL_TOL and rel_y < REL_TOL, f"{what}: relative error pooled {rel_pooled:.2e}, prediction {rel_y:.2e}"
 
 
-# ---------------------------------------------------------------- parameter counts (SPEC.md 4)
+# ---------------------------------------------------------------- parameter counts (docs/METHOD.md 4)
 
 @pytest.mark.parametrize("preset,count", [("crystalformer", 853_505), ("default", 951_809), ("lightweight", 878_081)])
 def test_parameter_counts_match_spec(preset, count):
     assert CrystalFramer.from_preset(preset).num_parameters() == count
-    assert count // 1000 in (853, 951, 878)  # SPEC.md: 853K, 952K (951,809 rounds up), 878K
+    assert count // 1000 in (853, 951, 878)  # docs/METHOD.md: 853K, 952K (951,809 rounds up), 878K
 
 
 def test_frames_are_selectable_per_preset_and_config_rebuilds():
     model = CrystalFramer.from_preset("lightweight", frame="weighted_pca", num_layers=2)
-    clone = CrystalFramer(**model.config)
+    clone = CrystalFramer(model.config)
     assert clone.num_parameters() == model.num_parameters() and clone.frame == "weighted_pca"
     with pytest.raises(ValueError, match="unknown frame"):
         CrystalFramer(frame="maximum")
@@ -286,7 +286,7 @@ def test_gradients_finite(frame):
         assert model.blocks[0].attn.angle_proj.grad.abs().sum() > 0
 
 
-# weighted_pca's frame is a smooth function of the attention weights and, per SPEC.md 3, carries no
+# weighted_pca's frame is a smooth function of the attention weights and, per docs/METHOD.md 3, carries no
 # gradient; a finite-difference check would see the frame move, so it is left out here.
 @pytest.mark.parametrize("frame", ["none", "max", "static_local", "pca", "lattice"])
 def test_gradcheck_float64(frame):
@@ -358,7 +358,7 @@ def test_angle_basis_table_matches_the_gaussians(D, width):
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_aggregations_match_the_exact_bases(backend, monkeypatch):
     """The fused distance sum and the histogram angular sum (both kernels of kernels.py) equal the
-    per-edge definitions (SPEC.md 2.2) computed naively with index_add: values, and gradients with
+    per-edge definitions (docs/METHOD.md 2.2) computed naively with index_add: values, and gradients with
     respect to the attention weights and the projections, with and without the c -> -c symmetrisation."""
     from dgl_crystalframer import basis as B, kernels
     from dgl_crystalframer.nn import _AngularAggregate, _DistAggregate

@@ -63,8 +63,8 @@ def test_counts_match_readme(doc):
             assert "Leaderboard" in protocol
             got = tuple(sum(1 for e in have if e["split"][t] == s) for s in ("train", "val", "test"))
             assert got == (n_train, n_val, n_test), t
-        else:  # paper protocol: n_val = n_test = int(0.1 n)
-            assert (n_val, n_test) == (int(0.1 * total), int(0.1 * total)) and n_train == total - 2 * n_val
+        else:  # paper protocol: n_train = int(0.8 n), n_val = n_test = int(0.1 n), the remainder unused
+            assert (n_train, n_val, n_test) == (int(0.8 * total), int(0.1 * total), int(0.1 * total))
     with open(README, encoding="utf-8") as fh:
         text = fh.read()
     assert f"{doc['n_entries']} real Materials Project crystals" in text

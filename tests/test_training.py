@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from dgl_crystalframer.training import (SWA, ConfigError, TrainConfig, Trainer, load_checkpoint, paper_schedule,
-                                        train_and_evaluate, weight_decay_groups)
+from dgl_crystalframer.checkpoint import load_checkpoint
+from dgl_crystalframer.config import ModelConfig, TrainConfig, paper_schedule
+from dgl_crystalframer.errors import ConfigError
+from dgl_crystalframer.training import SWA, Trainer, train_and_evaluate, weight_decay_groups
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "dgl_crystalframer" / "sample" / "megnet_sample.json.gz"
@@ -67,10 +69,10 @@ def test_paper_preset_follows_spec():
     c = TrainConfig(dataset="dft_3d_2021", target="formation_energy_peratom", preset="paper").resolved()
     assert (c.epochs, c.batch_size, c.swa_epochs, c.frame) == (2000, 256, 50, "max")
     assert (c.num_layers, c.dim) == (None, None)  # the model's defaults (L=4, d=128)
-    c = TrainConfig(dataset="dft_3d_2021", target="formation_energy_peratom", frame="none").resolved()
+    c = TrainConfig(dataset="dft_3d_2021", target="formation_energy_peratom", frame="none", preset="paper").resolved()
     assert (c.epochs, c.batch_size) == (800, 256)
     assert paper_schedule("dft_3d_2021", "mbj_bandgap", "none")["epochs"] == 1600
-    c = TrainConfig(dataset="megnet", target="e_form").resolved()
+    c = TrainConfig(dataset="megnet", target="e_form", preset="paper").resolved()
     assert (c.epochs, c.batch_size, c.swa_epochs, c.lr, c.betas, c.weight_decay, c.clip, c.lr_T, c.seed) == (
         500, 128, 50, 5e-4, (0.9, 0.98), 1e-5, 1.0, 4000.0, 123)
     assert c.out_dir == os.path.join("runs", "megnet-e_form-max")
@@ -82,7 +84,7 @@ def test_explicit_fields_override_presets():
     assert c.dim == 32 and c.max_train == 48  # the rest from the preset
     assert c.swa_epochs == 1  # 10% of 7, at least 1
     q = TrainConfig(preset="quick").resolved()  # the paper's model, all training crystals
-    assert (q.epochs, q.batch_size, q.swa_epochs) == (10, 64, 2) and q.model_kwargs() == {"frame": "max"}
+    assert (q.epochs, q.batch_size, q.swa_epochs) == (10, 64, 2) and q.model_config() == ModelConfig()
     assert q.max_train is None
     s = TrainConfig(preset="smoke").resolved()
     assert s.epochs <= 3 and s.num_layers == 1
@@ -171,9 +173,10 @@ def test_train_writes_everything_and_checkpoints_load(small_data, tmp_path):
     model, meta = load_checkpoint(str(out / "swa.pt"))
     assert meta["kind"] == "swa" and meta["target"] == "e_form"
     assert meta["cutoff"] == pytest.approx(res["cutoff"]) and meta["normalizer"]["std"] > 0
-    assert model.config["num_layers"] == 1 and not model.training
+    assert model.config.num_layers == 1 and not model.training
     # the checkpoint alone reproduces the test predictions of the run
-    from dgl_crystalframer.data import collate, load_dataset
+    from dgl_crystalframer.batch import collate
+    from dgl_crystalframer.data import load_dataset
 
     splits = load_dataset(str(small_data), "e_form", cache_dir=str(tmp_path / "cache"), progress=False)
     bg, y = collate([splits.test[i] for i in range(len(splits.test))])

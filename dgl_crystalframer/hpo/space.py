@@ -1,6 +1,7 @@
 """The search space, declared in one place (SPACE), and how it is narrowed.
 
-Parameter names are TrainConfig field names, so a trial's params drop straight into TrainConfig.
+Parameter names are TrainConfig field names (the model ones are ``config.ModelConfig`` fields), so
+a trial's params drop straight into TrainConfig.
 
 Narrowing (command line ``--frames max,none --layers 2..4`` or a YAML ``--space FILE``) may only
 shrink the declared space: a subset of the choices, a sub-range of a range, or one value. Spec
@@ -16,7 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
-FRAMES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
+from ..config import FRAME_TYPES as FRAMES
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ SPACE: dict[str, Param] = {
     "batch_size": Choice((32, 64, 128, 256)),
 }
 
-# Command-line flag -> parameter name (the flags `python -m hpo` offers for narrowing).
+# Command-line flag -> parameter name (the flags `dgl-crystalframer hpo` offers for narrowing).
 CLI_FLAGS = {
     "frames": "frame",
     "layers": "num_layers",
@@ -96,7 +98,7 @@ CLI_FLAGS = {
 }
 
 
-class SpaceError(ValueError):
+class SpaceError(ConfigError):
     pass
 
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of CrystalFramer (frames ``none`` and ``max``), for benchmarks.perf.
+"""Plain-PyTorch reference of CrystalFramer (frames ``none`` and ``max``), for ``perf``.
 
 The same model as :class:`dgl_crystalframer.CrystalFramer`, written the straightforward way:
 per-edge tensors gathered with ``x[src]`` / ``x[dst]``, segment sums with ``index_add``, the
@@ -15,8 +15,10 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from dgl_crystalframer import basis as B
-from dgl_crystalframer.frames import CANDIDATE_MIN_D2, COLLINEAR_COS, TIE_TOL, _perpendicular, _unit
+from .. import basis as B
+from ..basis import CANDIDATE_MIN_D2, TIE_TOL
+from ..frames import COLLINEAR_COS, _perpendicular
+from ..lattice import normalize
 
 
 def plain_inputs(bg) -> Dict[str, torch.Tensor]:
@@ -60,7 +62,7 @@ def max_frames(logits, weights, rhat, candidate, dst, n):
     turn = (torch.cross(e1[dst], rhat.unsqueeze(1).expand(-1, H, -1), dim=-1) * mean_dir[dst]).sum(-1)
     i2, found2, tied2 = _segment_argmax(logits + torch.log((1.0 - cos1.abs()).clamp_min(1e-5)), valid2, dst, n, (turn,))
     r2 = rhat[i2]
-    e2 = torch.where(found2.unsqueeze(-1), _unit(r2 - (r2 * e1).sum(-1, keepdim=True) * e1), _perpendicular(e1))
+    e2 = torch.where(found2.unsqueeze(-1), normalize(r2 - (r2 * e1).sum(-1, keepdim=True) * e1), _perpendicular(e1))
     return torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=2), tied1 | (tied2 & found2)
 
 

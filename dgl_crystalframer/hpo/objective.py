@@ -1,15 +1,14 @@
-"""One Optuna trial = one run of the trainer that benchmarks.jarvis uses.
+"""One Optuna trial = one run of the trainer that ``dgl-crystalframer train`` uses.
 
 The trainer is `dgl_crystalframer.training.train_and_evaluate(TrainConfig, epoch_callback)`.
 Test hook: the environment variable HPO_TRAINER="module:function" swaps in another function with
-the signature ``fn(config: dict, epoch_callback) -> result dict`` (hpo.fake:train is a fast
+the signature ``fn(config: dict, epoch_callback) -> result dict`` (dgl_crystalframer.hpo.fake:train is a fast
 stand-in used by the multi-process tests). Without it, users always get the real trainer.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import json
 import logging
 import math
@@ -51,50 +50,33 @@ class Trainer:
 
 def real_trainer() -> Trainer:
     """dgl_crystalframer.training, with the dataset split loaded once per worker process."""
-    try:
-        from dgl_crystalframer import training as T
-    except ImportError as e:  # pragma: no cover - depends on the checkout
-        raise SystemExit(f"hpo: cannot import dgl_crystalframer.training ({e})") from e
-
-    def make(config: dict):
-        from_dict = getattr(T.TrainConfig, "from_dict", None)
-        return from_dict(dict(config)) if from_dict else T.TrainConfig(**config)
+    from .. import training
+    from ..config import TrainConfig
 
     def complete(overrides: dict) -> dict:
-        cfg = make(overrides)
-        if hasattr(cfg, "resolved"):
-            cfg.resolved()  # validates; the stored config keeps None = "from the preset"
-        return jsonable(dataclasses.asdict(cfg))
+        cfg = TrainConfig.from_dict(dict(overrides))
+        cfg.resolved()  # validates; the stored config keeps None = "from the preset"
+        return jsonable(cfg.as_dict())
 
     cache: dict = {}
 
-    def shared_data(cfg):
-        """The split of this dataset, loaded once and reused by every trial (as benchmarks.jarvis
-        does for --frame all); None lets the trainer load it itself."""
+    def shared_data(cfg: TrainConfig):
+        """The split of this dataset, loaded once and reused by every trial (as the train command
+        does for --frame all); None under torchrun, where the trainer loads it on every rank."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return None
-        if "data" not in inspect.signature(T.train_and_evaluate).parameters:
-            return None
-        try:
-            r = cfg.resolved()
-            kw = dict(data_dir=r.data_dir, split=r.split, cutoff=r.cutoff, cache_dir=r.cache_dir, seed=r.seed)
-            key = (r.dataset, r.target, tuple(sorted(kw.items())))
-            if key not in cache:
-                cache.clear()
-                cache[key] = T.load_splits(r, progress=False)
-            return cache[key]
-        except (ImportError, AttributeError, TypeError) as e:  # another data API: let the trainer load
-            log.debug("no shared dataset (%s)", e)
-            return None
+        r = cfg.resolved()
+        key = (r.dataset, r.target, r.data_dir, r.split, r.cutoff, r.cache_dir, r.seed)
+        if key not in cache:
+            cache.clear()
+            cache[key] = training.load_splits(r, progress=False)
+        return cache[key]
 
     def train(config: dict, epoch_callback):
-        cfg = make(config)
-        data = shared_data(cfg)
-        kwargs = {} if data is None else {"data": data}
-        return T.train_and_evaluate(cfg, epoch_callback=epoch_callback, **kwargs)
+        cfg = TrainConfig.from_dict(dict(config))
+        return training.train_and_evaluate(cfg, epoch_callback=epoch_callback, data=shared_data(cfg))
 
-    return Trainer(train=train, complete=complete, name="dgl_crystalframer.training",
-                   defaults={"progress": False})
+    return Trainer(train=train, complete=complete, name="dgl_crystalframer.training", defaults={"progress": False})
 
 
 def trainer_from_env() -> Trainer:

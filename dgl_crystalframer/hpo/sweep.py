@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 
 from . import space as space_mod
 from .objective import OBJECTIVES, Objective, Trainer, jsonable, trainer_from_env
-from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, default_url, make_storage, redact
+from ..errors import ConfigError
+from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, default_url, make_storage, redact, warn_if_shared_sqlite
 
 log = logging.getLogger("hpo")
 
@@ -33,7 +34,7 @@ SETTINGS_ATTR = "hpo_settings"
 class SweepSettings:
     study: str
     dataset: str
-    target: str
+    target: str | None  # None: the dataset's usual target
     n_trials: int
     storage: str | None = None  # default: sqlite:///OUT/hpo.db
     preset: str = "quick"
@@ -110,8 +111,8 @@ def format_trial(t: optuna.trial.FrozenTrial, objectives: Sequence[str]) -> str:
 def _check_settings(study: optuna.Study, record: dict) -> None:
     """Every worker and every resume of a study must search the same thing."""
     if len(study.directions) != len(record["objectives"]):
-        raise SystemExit(
-            f"hpo: study {study.study_name!r} has {len(study.directions)} objective(s), "
+        raise ConfigError(
+            f"study {study.study_name!r} has {len(study.directions)} objective(s), "
             f"--objectives asks for {','.join(record['objectives'])}; use another --study name"
         )
     stored = study.user_attrs.get(SETTINGS_ATTR)
@@ -121,8 +122,8 @@ def _check_settings(study: optuna.Study, record: dict) -> None:
     diff = [k for k in record if stored.get(k) != record[k]]
     if diff:
         lines = [f"  {k}: study has {stored.get(k)!r}, this command {record[k]!r}" for k in diff]
-        raise SystemExit(
-            f"hpo: study {study.study_name!r} was created with other settings:\n"
+        raise ConfigError(
+            f"study {study.study_name!r} was created with other settings:\n"
             + "\n".join(lines)
             + "\nRun the same command to resume it, or choose a new --study name."
         )
@@ -131,7 +132,7 @@ def _check_settings(study: optuna.Study, record: dict) -> None:
 def run_sweep(s: SweepSettings, trainer: Trainer | None = None) -> optuna.Study:
     for o in s.objectives:
         if o not in OBJECTIVES:
-            raise SystemExit(f"hpo: unknown objective {o!r}; choose from {','.join(OBJECTIVES)}")
+            raise ConfigError(f"unknown objective {o!r}; choose from {','.join(OBJECTIVES)}")
     trainer = trainer or trainer_from_env()
     multi = len(s.objectives) > 1
     base = {"dataset": s.dataset, "target": s.target, "preset": s.preset, **s.fixed}
@@ -140,7 +141,7 @@ def run_sweep(s: SweepSettings, trainer: Trainer | None = None) -> optuna.Study:
     try:  # fail now, not in every trial, on a config TrainConfig rejects
         objective.config_for({k: v[0] for k, v in space_mod.grid(s.space).items()})
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"hpo: invalid training settings {base}: {e}") from e
+        raise ConfigError(f"invalid training settings {base}: {e}") from e
 
     url = s.storage_url()
     with warnings.catch_warnings():
@@ -165,6 +166,7 @@ def run_sweep(s: SweepSettings, trainer: Trainer | None = None) -> optuna.Study:
             }
         )
         _check_settings(study, record)
+        warn_if_shared_sqlite(study, url)
         done = len(study.get_trials(deepcopy=False, states=COUNTED))
         log.info(
             "study %r on %s (trainer: %s): %d/%d trials done; space: %s",

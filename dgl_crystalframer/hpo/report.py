@@ -1,7 +1,7 @@
-"""`python -m hpo report`: tables of a study, the best config as YAML, Optuna's standard plots.
+"""``dgl-crystalframer report``: tables of a study, the best config as YAML, Optuna's standard plots.
 
 Reads any Optuna RDB study (it writes nothing to the database). Outputs in OUT:
-  best_config.yaml   TrainConfig keys only: `python -m benchmarks.jarvis --config best_config.yaml`
+  best_config.yaml   TrainConfig keys only: `dgl-crystalframer train --config best_config.yaml`
   trials.csv         every trial (study.trials_dataframe())
   plots/NAME.html    plotly (needs `plotly`); plots/NAME.png via optuna.visualization.matplotlib
 A missing plotting backend or a plot that cannot be drawn yet (e.g. importances from one trial)
@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..errors import ConfigError
 from .objective import OBJECTIVES
 from .space import FRAMES, SPACE
 from .storage import make_storage, redact
@@ -167,8 +168,8 @@ def run_report(
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         names = optuna.get_all_study_names(storage)
-        raise SystemExit(
-            f"hpo: no study {study_name!r} in {redact(storage_url)}; studies there: {names}"
+        raise ConfigError(
+            f"no study {study_name!r} in {redact(storage_url)}; studies there: {names}"
         ) from None
     names = objective_names(study)
     trials = study.get_trials(deepcopy=False)
@@ -207,7 +208,7 @@ def run_report(
     path = out / "best_config.yaml"
     write_yaml(path, config,
                f"best trial {best.number} of study {study_name!r}: {values}\n"
-               f"train it: python -m benchmarks.jarvis --config {path.name}")
+               f"train it: dgl-crystalframer train --config {path.name}")
     files["best_config"] = path
     echo(f"\nbest trial {best.number} ({values}) -> {path}")
     try:

@@ -1,23 +1,34 @@
-"""Optuna RDB storage: SQLite by default, any SQLAlchemy URL (PostgreSQL for many machines).
+"""Where a study lives, by how many workers share it:
 
-Heartbeats: every running trial writes a heartbeat every `heartbeat_interval` seconds. Before each
-new trial, every worker marks RUNNING trials whose heartbeat is older than `grace_period` as FAIL
-(optuna.storages.fail_stale_trials) and, with max_retry > 0, re-queues their parameters as a
-WAITING trial that the next free worker runs (RetryHeartbeatStaleTrialCallback). So a worker
-killed mid-trial (SIGKILL, OOM killer, preempted node) loses nothing.
+* ``sqlite:///FILE`` (the default, ``OUT/hpo.db``): one worker at a time.  Optuna advises against
+  SQLite for parallel workers (database locks, lost updates); a second worker joining a SQLite
+  study gets a warning that names the alternatives (``warn_if_shared_sqlite``).
+* ``journal:FILE``: Optuna's journal file (``JournalFileBackend``), safe for several processes on
+  one machine (or a file system with working locks).  It keeps no heartbeats.
+* ``postgresql://...`` (any SQLAlchemy URL): many workers on many machines, with heartbeats: every
+  running trial writes one every ``heartbeat_interval`` seconds; before each new trial, every
+  worker marks RUNNING trials whose heartbeat is older than ``grace_period`` as FAIL and, with
+  max_retry > 0, re-queues their parameters as a WAITING trial that the next free worker runs.
+  So a worker killed mid-trial (SIGKILL, OOM killer, preempted node) loses nothing.
 """
 from __future__ import annotations
 
 import inspect
 import logging
+import os
 import random
+import socket
 import time
 import warnings
 from pathlib import Path
 
 import optuna
 
+from ..errors import UserError
+
 log = logging.getLogger("hpo")
+JOURNAL_PREFIX = "journal:"
+WORKERS_ATTR = "hpo_workers"
 
 DEFAULT_DB = "hpo.db"
 HEARTBEAT_INTERVAL = 60  # seconds
@@ -40,7 +51,7 @@ def normalize_url(url: str) -> str:
         for module, driver in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
             if importlib.util.find_spec(module) is not None:
                 return f"postgresql+{driver}://{rest}"
-        raise SystemExit("hpo: PostgreSQL storage needs a driver: pip install psycopg2-binary")
+        raise UserError("PostgreSQL storage needs a driver: pip install psycopg2-binary (part of the [hpo] extra)")
     return url
 
 
@@ -77,8 +88,15 @@ def make_storage(
     max_retry: int = 1,
     heartbeat: bool = True,
     attempts: int = 5,
-) -> optuna.storages.RDBStorage:
-    """RDBStorage with heartbeats; retries creation (workers racing to create the tables)."""
+) -> optuna.storages.BaseStorage:
+    """A journal file storage for ``journal:FILE``, else an RDBStorage with heartbeats (creation is
+    retried: workers may race to create the tables)."""
+    if url.startswith(JOURNAL_PREFIX):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
     url = normalize_url(url)
     kwargs: dict = {"engine_kwargs": _engine_kwargs(url)}
     if heartbeat:
@@ -106,8 +124,40 @@ def make_storage(
     raise AssertionError("unreachable")
 
 
+def warn_if_shared_sqlite(study: optuna.Study, url: str) -> None:
+    """Register this worker on the study; on SQLite, warn when another worker is alive on it.
+
+    Workers are recorded as ``host:pid`` in a study attribute; one on this host counts as alive
+    while its process exists, one on another host always does (SQLite over a network file system
+    is worse still)."""
+    me, host = f"{socket.gethostname()}:{os.getpid()}", socket.gethostname()
+    workers = dict(study.user_attrs.get(WORKERS_ATTR) or {})
+
+    def alive(worker: str) -> bool:
+        name, _, pid = worker.rpartition(":")
+        if name != host:
+            return True
+        try:
+            os.kill(int(pid), 0)
+            return True
+        except (ValueError, ProcessLookupError):
+            return False
+        except PermissionError:  # exists, owned by another user
+            return True
+
+    others = [w for w in workers if w != me and alive(w)]
+    study.set_user_attr(WORKERS_ATTR, {**{w: workers[w] for w in others}, me: time.time()})
+    if others and url.startswith("sqlite"):
+        log.warning("worker %s joins study %r on SQLite while %s run(s) on it too: Optuna advises against SQLite "
+                    "for parallel workers (locks, lost updates). Use --storage journal:FILE for several processes "
+                    "on one machine, or --storage postgresql://... for several machines.",
+                    me, study.study_name, ", ".join(others))
+
+
 def redact(url: str) -> str:
     """The URL without its password, for logs."""
+    if url.startswith(JOURNAL_PREFIX):
+        return url
     try:
         from sqlalchemy.engine import make_url
 

@@ -1,0 +1,74 @@
+"""Checkpoints: the file format, atomic writes, and loading a trained model back.
+
+A checkpoint is a dict ``{"format": "dgl_crystalframer/checkpoint", "version", "model": state_dict,
+"meta": {...}}`` (plus ``train_state`` in ``last.pt``), readable with ``torch.load(weights_only=True)``.
+``meta`` carries what predicting needs: the ``ModelConfig`` (``model_config``), the target name and
+unit, the ``normalizer`` (``targets.Normalizer``), the graph ``cutoff``, and the dataset and frame.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .model import build_model
+from .sparse import resolve_device
+
+CHECKPOINT_FORMAT = "dgl_crystalframer/checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` so that a reader (or a resumed run) never sees a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text so that a reader never sees a partial file."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Load any checkpoint this module writes (best.pt, swa.pt, last.pt) -> (model in eval mode, meta).
+
+    ``meta`` holds ``target``, ``unit``, ``normalizer`` ({"mean", "std"}: prediction in original
+    units = model(bg) * std + mean), ``cutoff`` (the graph cutoff the model was trained with),
+    ``model_config``, ``dataset``, ``frame``, ``kind`` and ``epoch``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable dgl_crystalframer checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a dgl_crystalframer checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    model = build_model(ckpt["meta"]["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.to(resolve_device(device) if isinstance(device, str) else device)
+    model.eval()
+    return model, dict(ckpt["meta"])
+
+
+def make_checkpoint(kind: str, model_state: Dict[str, Any], meta: Dict[str, Any], epoch: int,
+                val_mae: Optional[float] = None, train_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model_state,
+            "meta": dict(meta, kind=kind, epoch=epoch, val_mae=val_mae)}
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    return ckpt
+
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "atomic_torch_save", "atomic_write_text", "load_checkpoint",
+           "make_checkpoint"]

@@ -1,0 +1,160 @@
+"""``dgl-crystalframer train``: train and evaluate, print a table of the results.
+
+    dgl-crystalframer train                                   # embedded MP sample, e_form, frame max, preset quick
+    dgl-crystalframer train --frame all                       # every frame type on one split
+    dgl-crystalframer train --dataset dft_3d_2021 --data-dir DIR --preset paper
+    torchrun --nproc_per_node 4 -m dgl_crystalframer train --dataset megnet --preset paper --device cuda
+
+Each run writes OUT/results.json, OUT/log.csv, OUT/split_ids.json, OUT/parity.png,
+OUT/learning_curve.png and the checkpoints OUT/{best,swa,last}.pt (OUT defaults to
+runs/<dataset>-<target>-<frame>).  ``python -m benchmarks.jarvis`` is this command with the
+published test MAEs next to ours.  Exit status: 0 ok, 2 bad options or data (one message, no
+traceback), 130 interrupted (rerun with --resume to continue from the last completed epoch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ..config import BACKENDS, FRAME_TYPES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
+
+FRAME_LABELS = {"none": "Crystalformer (no frames)", "max": "max frames", "weighted_pca": "weighted PCA frames",
+                "static_local": "static local frames", "pca": "PCA frames", "lattice": "lattice frames"}
+
+
+def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train and evaluate CrystalFramer. Without arguments: the embedded Materials Project sample "
+                    "(formation energy, official split membership), frame max, preset quick (minutes on a laptop).",
+        epilog="Precedence: TrainConfig defaults < preset < --config FILE < command-line flags.",
+    )
+    p.add_argument("--dataset", help="dft_3d_2021, megnet, megnet_sample, or a path to your own dataset (CSV, folder "
+                                     "with id_prop.csv, JSON/JSON.zip) [default: megnet_sample]")
+    p.add_argument("--target", help="target key, e.g. e_form, gap_pbe, formation_energy_peratom, mbj_bandgap "
+                                    "[default: the dataset's formation energy]")
+    p.add_argument("--frame", choices=FRAME_TYPES + ("all",), help="frame type, or 'all' for the ablation [default: max]")
+    p.add_argument("--layers", type=int, dest="num_layers", help="number of attention blocks [default: 4]")
+    p.add_argument("--preset", choices=tuple(TRAIN_PRESETS),
+                   help="smoke (seconds), quick (minutes), paper (the paper's epochs and batch sizes, "
+                        "docs/METHOD.md 5) [default: quick]")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--max-train", type=int, dest="max_train", help="train on a random subset of this many crystals")
+    p.add_argument("--device", help="auto, cpu or cuda[:N] [default: auto]")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="sparse operations: DGL's kernels or plain PyTorch [default: auto = dgl where the installed "
+                        "DGL supports the device, else torch]")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--data-dir", dest="data_dir", help="folder holding (or receiving) the jarvis-tools dataset files")
+    p.add_argument("--cache-dir", dest="cache_dir", help="graph cache folder")
+    p.add_argument("--config", help="YAML/JSON file of TrainConfig keys (flags override it)")
+    p.add_argument("--out", dest="out_dir", help="output folder [default: runs/<dataset>-<target>-<frame>]")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    return p
+
+
+FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "epochs", "batch_size", "max_train", "device", "backend",
+             "threads", "data_dir", "cache_dir", "out_dir", "resume", "seed")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: Dict[str, Any] = read_config_file(args.config) if args.config else {}
+    values.update({k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None})
+    if args.frame is not None and args.frame != "all":
+        values["frame"] = args.frame
+    if args.quiet:
+        values["progress"] = False
+    return TrainConfig.from_dict(values, source="options")
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Train the configured run (every frame type for ``--frame all``) and return the results."""
+    from ..training import load_splits, train_and_evaluate  # torch and DGL load here, not for --help
+
+    base = config_from_args(args)
+    frames = list(FRAME_TYPES) if args.frame == "all" else [None]
+    configs: List[TrainConfig] = []
+    for frame in frames:
+        cfg = base if frame is None else base.with_overrides(frame=frame)
+        if frame is not None and base.out_dir:  # --out DIR with --frame all: DIR/<frame>
+            cfg = cfg.with_overrides(out_dir=os.path.join(base.out_dir, frame))
+        configs.append(cfg.resolved())
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # once, before training, so that missing data fails fast (under torchrun the trainer loads it)
+    data = None if distributed else load_splits(configs[0], configs[0].progress)
+    results = [train_and_evaluate(cfg, data=data) for cfg in configs]
+    if args.frame == "all" and _is_main_rank():
+        summary_dir = Path(base.out_dir or default_out_dir(configs[0].dataset, configs[0].target, "all"))
+        summary_dir.mkdir(parents=True, exist_ok=True)
+        (summary_dir / "ablation.json").write_text(json.dumps(
+            [{k: v for k, v in r.items() if k != "config"} for r in results], indent=2) + "\n")
+    return results
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def table(header: Sequence[str], body: Sequence[Sequence[str]]) -> List[str]:
+    """Text table lines: first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+    line = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in body]
+
+
+def result_row(name: str, r: Dict[str, Any], published: str = "-") -> List[str]:
+    return [name, published, fmt(r["test_mae"]), fmt(r["val_mae"]), f"{r['params']:,}", str(r["epochs"]),
+            f"{r['train_seconds']:.0f}"]
+
+
+RESULT_HEADER = ("model", "published", "this run", "val MAE", "params", "epochs", "train s")
+
+
+def run_lines(results: Sequence[Dict[str, Any]]) -> List[str]:
+    return [f"frame {r['frame']}: preset {r.get('preset')}, {r['n_train']:,}/{r['n_val']:,}/{r['n_test']:,} "
+            f"train/val/test ({r.get('split')}), {r.get('crystals_per_second') or 0:.0f} crystals/s training, "
+            f"{r.get('latency_ms_per_crystal') or 0:.3g} ms/crystal inference, results in {r.get('out_dir')}"
+            for r in results]
+
+
+def format_results(results: Sequence[Dict[str, Any]]) -> str:
+    """The test MAE of each run, with the train-mean baseline."""
+    first = results[0]
+    unit = first.get("unit") or ""
+    lines = [f"Test MAE, {first['dataset']} / {first['target']}" + (f" ({unit})" if unit else "")]
+    body = [result_row(FRAME_LABELS.get(r["frame"], r["frame"]), r) for r in results]
+    body.append(["(predicting the train mean)", "-", fmt(first.get("test_mae_of_train_mean")), "", "", "", ""])
+    return "\n".join(lines + table(RESULT_HEADER, body) + run_lines(results))
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "dgl-crystalframer train",
+         report: Callable[[Sequence[Dict[str, Any]]], str] = format_results) -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last completed epoch is saved in OUT/last.pt; rerun the same command with --resume "
+              "to continue", file=sys.stderr)
+        return 130
+    if _is_main_rank():
+        print(report(results))
+    return 0
+
+
+__all__ = ["FRAME_LABELS", "build_parser", "config_from_args", "format_results", "main", "run"]

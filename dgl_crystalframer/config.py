@@ -1,0 +1,309 @@
+"""Configuration: the model's hyperparameters (``ModelConfig``, listed once) and a training run's
+settings (``TrainConfig``, whose model fields are derived from ``ModelConfig``).
+
+Plain Python (no torch): the command line, ``--config FILE`` and the hyperparameter search read
+it without loading a deep-learning stack.  Every name in a config file or in ``--set KEY=VALUE``
+is a ``TrainConfig`` field; ``TrainConfig.model_config()`` turns one into the ``ModelConfig``
+that builds the model and is stored in every checkpoint.
+"""
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import ConfigError
+
+FRAME_TYPES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
+BACKENDS = ("auto", "dgl", "torch")
+
+
+@dataclass
+class ModelConfig:
+    """Every hyperparameter of the CrystalFramer model (docs/METHOD.md 2-4); the defaults are the
+    paper's CrystalFramer (max frames, 4 blocks, d = 128, 8 heads, D = 64: 951,809 parameters)."""
+
+    frame: str = "max"  # none | max | weighted_pca | static_local | pca | lattice
+    num_layers: int = 4
+    dim: int = 128
+    num_heads: int = 8
+    ffn_dim: int = 512
+    num_angle_basis: int = 64  # D, Gaussians on the cosines
+    angle_basis_width: float = 4.0  # s_a: width = s_a * 2 / (D - 1)
+    c_dist: float = 1.0
+    c_angl: float = 1.0
+    num_dist_basis: int = 64  # K, Gaussians on |r| with centres k * rmax / K
+    dist_basis_rmax: float = 14.0
+    dropout: float = 0.0
+    rvec_key: str = "rvec"  # graph keys: what the model reads from ndata / edata
+    species_key: str = "species"
+
+    def validate(self) -> "ModelConfig":
+        if self.frame not in FRAME_TYPES:
+            raise ConfigError(f"unknown frame type {self.frame!r}; choose one of {', '.join(FRAME_TYPES)}")
+        for name in ("num_layers", "dim", "num_heads", "ffn_dim", "num_dist_basis"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.dim % self.num_heads:
+            raise ConfigError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.frame != "none" and self.num_angle_basis < 2:
+            raise ConfigError(f"num_angle_basis must be >= 2, got {self.num_angle_basis}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The paper's three models (docs/METHOD.md 4): overrides of the ModelConfig defaults.
+MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
+    "crystalformer": dict(frame="none"),  # 853,505 parameters
+    "default": dict(frame="max", num_angle_basis=64, angle_basis_width=4.0),  # 951,809
+    "lightweight": dict(frame="max", num_angle_basis=16, angle_basis_width=1.0, c_angl=6.0, c_dist=1.5),  # 878,081
+}
+GRAPH_KEYS = ("rvec_key", "species_key")  # fixed by the graphs training builds; not training settings
+MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name not in GRAPH_KEYS)
+
+
+def model_config(preset: Optional[str] = None, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a preset (``crystalformer``, ``default``, ``lightweight``) with overrides."""
+    if preset is not None and preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    unknown = [k for k in overrides if k not in {f.name for f in fields(ModelConfig)}]
+    if unknown:
+        raise ConfigError(f"unknown model setting(s) {unknown}; known: {', '.join(f.name for f in fields(ModelConfig))}")
+    return ModelConfig(**{**MODEL_PRESETS.get(preset or "", {}), **overrides}).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+
+# ``paper`` follows docs/METHOD.md 5 (epochs and batch size depend on the dataset, see
+# paper_schedule); ``quick`` (the default) is the paper's model for a few minutes on a laptop;
+# ``smoke`` checks the plumbing in seconds with a tiny model.
+TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
+    "smoke": dict(epochs=2, batch_size=16, num_layers=1, dim=32, num_heads=4, ffn_dim=64,
+                  num_angle_basis=8, max_train=48, max_eval=32),
+    "quick": dict(epochs=10, batch_size=64, swa_epochs=2),
+    "paper": dict(),
+}
+JARVIS_DATASETS = ("dft_3d_2021", "dft_3d")
+DEFAULT_DATASET = "megnet_sample"
+# Fields that may differ between an interrupted run and its resumption.
+RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "progress", "plots", "data_dir",
+                  "cache_dir")
+
+
+def paper_schedule(dataset: str, target: Optional[str], frame: Optional[str]) -> Dict[str, int]:
+    """Epochs and batch size of the paper (docs/METHOD.md 5) for this dataset/target/frame."""
+    if dataset in JARVIS_DATASETS:
+        if frame == "none":
+            return dict(epochs=1600 if target == "mbj_bandgap" else 800, batch_size=256)
+        return dict(epochs=2000, batch_size=256)
+    return dict(epochs=500, batch_size=128)  # MP (megnet), the MP sample and user datasets
+
+
+@dataclass
+class _RunSettings:
+    """The data, schedule and runtime part of ``TrainConfig`` (the model part is derived below)."""
+
+    # data
+    dataset: str = DEFAULT_DATASET
+    target: Optional[str] = None  # None: the dataset's usual target (targets.default_target)
+    data_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+    split: str = "auto"
+    cutoff: Optional[float] = None  # None: derived from the sigma bound (~6.93 A)
+    max_train: Optional[int] = None  # cap on training crystals (a seeded random subset), for quick runs
+    max_eval: Optional[int] = None  # cap on validation and test crystals each
+    # model: model_preset, then the ModelConfig fields (None: from the preset / the defaults)
+    model_preset: Optional[str] = None  # crystalformer | default | lightweight
+    # schedule
+    preset: str = "quick"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None  # global batch (split across DDP ranks)
+    eval_batch_size: Optional[int] = None
+    lr: float = 5e-4
+    betas: Tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 1e-5
+    clip: float = 1.0
+    lr_T: float = 4000.0
+    swa_epochs: Optional[int] = None  # None: min(50, 10% of epochs)
+    seed: int = 123
+    # runtime
+    device: str = "auto"
+    backend: str = "auto"  # sparse operations: auto | dgl | torch (dgl_crystalframer.sparse)
+    threads: Optional[int] = None
+    num_workers: int = 0
+    out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
+    resume: bool = False
+    progress: bool = True
+    plots: bool = True
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping; unknown keys and values of the wrong type raise ConfigError."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of TrainConfig keys, got {type(values).__name__}")
+        names = cls.field_names()
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}. Valid keys: {', '.join(names)}")
+        types = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, types[k], source) for k, v in values.items()})
+
+    @classmethod
+    def from_file(cls, path: str, **overrides: Any) -> "TrainConfig":
+        """Read a YAML or JSON file of TrainConfig keys; ``overrides`` (non-None) win."""
+        return cls.from_dict(read_config_file(path), source=f"config file {path}").with_overrides(**overrides)
+
+    def with_overrides(self, **overrides: Any) -> "TrainConfig":
+        """A copy with the non-None ``overrides`` applied (unknown keys raise ConfigError)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if not given:
+            return replace(self)
+        return type(self).from_dict({**self.as_dict(), **given}, source="overrides")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # -- presets ----------------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """A copy with every schedule ``None`` filled from the preset, validated.  Model fields
+        stay None where the model preset / ModelConfig defaults decide (``model_config()``)."""
+        from .targets import default_target  # targets.py is plain Python too
+
+        if self.preset not in TRAIN_PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}: use one of {', '.join(TRAIN_PRESETS)}")
+        c = replace(self)
+        if c.target is None:
+            c.target = default_target(c.dataset)
+        if c.frame is None and c.model_preset is None:
+            c.frame = ModelConfig.frame  # the default model, stated
+        preset = dict(TRAIN_PRESETS[c.preset])
+        if c.preset == "paper":
+            preset.update(paper_schedule(c.dataset, c.target, self.model_config().frame))
+        for k, v in preset.items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        if c.eval_batch_size is None:
+            c.eval_batch_size = max(c.batch_size, 64)
+        if c.swa_epochs is None:
+            c.swa_epochs = max(1, min(50, int(round(0.1 * c.epochs)))) if c.epochs >= 2 else 0
+        if c.out_dir is None:
+            c.out_dir = default_out_dir(c.dataset, c.target, c.model_config().frame)
+        c.validate()
+        return c
+
+    def model_config(self) -> ModelConfig:
+        """The model this run trains: ``model_preset``, then every model field that is set."""
+        return model_config(self.model_preset, **{k: getattr(self, k) for k in MODEL_FIELDS
+                                                  if getattr(self, k) is not None})
+
+    def validate(self) -> None:
+        self.model_config()  # model fields (frame, sizes, ...)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {v})")
+        for name in ("max_train", "max_eval", "threads"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be >= 1 or unset (got {v})")
+        if self.epochs is not None and self.swa_epochs is not None and not 0 <= self.swa_epochs <= self.epochs:
+            raise ConfigError(f"swa_epochs must be between 0 and epochs={self.epochs} (got {self.swa_epochs})")
+        if not self.lr > 0 or not self.lr_T > 0 or not self.clip > 0 or self.weight_decay < 0:
+            raise ConfigError("lr, lr_T and clip must be > 0 and weight_decay >= 0")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers (got {self.betas})")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}: use {', '.join(BACKENDS)}")
+
+
+# TrainConfig = the run settings + every ModelConfig field (None = from model_preset / defaults).
+TrainConfig = make_dataclass(
+    "TrainConfig",
+    [(f.name, Optional[f.type], field(default=None)) for f in fields(ModelConfig) if f.name in MODEL_FIELDS],
+    bases=(_RunSettings,),
+    namespace={"__doc__": """Everything a training run needs; the field names are the keys of ``--config FILE``.
+
+    ``None`` means "from the preset" (``preset`` = smoke | quick | paper) or, for the model fields
+    (every ``ModelConfig`` field), "from ``model_preset`` / the ModelConfig defaults".  Explicit
+    values always win.""", "__module__": __name__},
+)
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The mapping in a YAML/JSON config file, its keys checked against TrainConfig (ConfigError)."""
+    import yaml  # JSON is YAML too
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: cannot parse it as YAML/JSON ({exc})") from exc
+    values = {} if values is None else values
+    TrainConfig.from_dict(values, source=f"config file {path}")  # raises on unknown keys / bad types
+    return values
+
+
+def default_out_dir(dataset: str, target: Optional[str], frame: Optional[str]) -> str:
+    name = Path(dataset).stem if (os.sep in dataset or os.path.exists(dataset)) else dataset
+    safe = lambda s: "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(s))  # noqa: E731
+    return os.path.join("runs", f"{safe(name)}-{safe(target)}-{safe(frame)}")
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Check/convert one config value against the field's type hint."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} may not be null")
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    origin = typing.get_origin(base)
+    bad = ConfigError(f"{source}: {key} must be {getattr(base, '__name__', base)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            raise bad
+        return tuple(float(x) for x in value)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if base is str:
+        if not isinstance(value, (str, os.PathLike)):
+            raise bad
+        return str(value)
+    return value
+
+
+__all__ = ["BACKENDS", "ConfigError", "FRAME_TYPES", "MODEL_FIELDS", "MODEL_PRESETS", "ModelConfig", "RUNTIME_FIELDS",
+           "TRAIN_PRESETS", "TrainConfig", "default_out_dir", "model_config", "paper_schedule", "read_config_file"]

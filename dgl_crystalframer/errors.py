@@ -1,0 +1,21 @@
+"""The errors a user can cause, as opposed to bugs: the command line prints their message as one
+line and exits with status 2, never a traceback."""
+
+
+class UserError(ValueError):
+    """Bad input or settings; the message says what and where, in one line."""
+
+
+class StructureError(UserError):
+    """A structure that cannot be turned into a graph; the message names the entry and the problem."""
+
+
+class ConfigError(UserError):
+    """A configuration that cannot run (unknown key, bad value, incompatible resume)."""
+
+
+class DataError(UserError):
+    """A dataset that cannot be used as asked (no such target, a missing column, an empty split...)."""
+
+
+__all__ = ["ConfigError", "DataError", "StructureError", "UserError"]
