@@ -60,7 +60,7 @@ def gaussian_angle_basis(cos: torch.Tensor, size: int = ANGLE_BASIS_SIZE, width:
 # piecewise polynomial: [-1, 1] is cut into S = 2 * half equal segments of about sigma / 2.5, and
 # on each segment every Gaussian is a degree-5 polynomial in the position t in [0, 1) within the
 # segment (least squares at Chebyshev nodes, float64).  Error ~4e-8 for the default basis and the
-# lightweight one (b <= 1; tests/test_model.py), i.e. at float32 resolution.  Then
+# lightweight one (b <= 1; tests/test_basis.py), i.e. at float32 resolution.  Then
 # sum_e w_e b(c_e) = sum_{s, m} hist[s, m] * table[s, m] with hist[s, m] = sum_{e in segment s} w_e t_e^m:
 # 6 moments scattered per edge, head and axis and one small dense matmul, instead of D
 # exponentials (nn._AngularAggregate, kernels.py).

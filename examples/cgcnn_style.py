@@ -17,7 +17,10 @@ seen from the destination j, the source i sits at -r, hence ``rvec=-g.edata["r"]
 It then trains for a few Adam steps on small crystals of the formation-energy training split of
 the sample that ships with the package, and prints the train MAE before and after.
 
-    python examples/cgcnn_style.py --steps 30
+    python examples/cgcnn_style.py --steps 30 [--device cuda]
+
+On a GPU this example needs a CUDA build of DGL: its own CGCNN convolutions use DGL's message
+passing (CrystalFramerConv alone would also run in plain PyTorch, see the README).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from importlib import resources
 
 # dgl_crystalframer first: it picks the OpenMP wait policy before torch loads, and imports DGL
 # (with its shim for torch versions DGL ships no graphbolt library for)
+from dgl_crystalframer import sparse
 from dgl_crystalframer._dgl import dgl
 from dgl_crystalframer.nn import CrystalFramerConv
 
@@ -132,9 +136,10 @@ def load_crystals(num: int, max_atoms: int = 12, cutoff: float = 5.0, seed: int 
 
 
 @torch.no_grad()
-def train_mae(model, graphs, y, batch_size, mean, std):
+def train_mae(model, graphs, y, batch_size, mean, std, device):
     model.eval()
-    pred = torch.cat([model(dgl.batch(graphs[a:a + batch_size])) for a in range(0, len(graphs), batch_size)])
+    pred = torch.cat([model(dgl.batch(graphs[a:a + batch_size]).to(device)).cpu()
+                      for a in range(0, len(graphs), batch_size)])
     model.train()
     return (pred * std + mean - y).abs().mean().item()
 
@@ -148,29 +153,34 @@ def main(argv=None) -> dict:
     p.add_argument("--frame", default="max", choices=["max", "weighted_pca", "static_local", "none"])
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     args = p.parse_args(argv)
+    device = sparse.resolve_device(args.device)
+    if not sparse.dgl_supports(device):
+        raise SystemExit(f"error: this example's CGCNN convolutions use DGL's message passing, which needs a CUDA "
+                         f"build of DGL on {device}; run with --device cpu")
     torch.manual_seed(args.seed)
     t0 = time.time()
     graphs, y = load_crystals(args.num_crystals, seed=args.seed)
     mean, std = y.mean(), y.std()
     print(f"{len(graphs)} crystals, {sum(g.num_edges() for g in graphs)} edges, built in {time.time() - t0:.1f} s")
 
-    model = CGCNNWithFramer(edge_dim=graphs[0].edata["dist"].shape[1], frame=args.frame)
+    model = CGCNNWithFramer(edge_dim=graphs[0].edata["dist"].shape[1], frame=args.frame).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    initial_mae = train_mae(model, graphs, y, args.batch_size, mean, std)
+    initial_mae = train_mae(model, graphs, y, args.batch_size, mean, std, device)
     rng, losses, perm = np.random.default_rng(args.seed), [], []
     for step in range(1, args.steps + 1):
         if len(perm) < args.batch_size:
             perm = list(rng.permutation(len(graphs)))
         idx, perm = perm[:args.batch_size], perm[args.batch_size:]
-        loss = F.mse_loss(model(dgl.batch([graphs[i] for i in idx])), (y[idx] - mean) / std)
+        loss = F.mse_loss(model(dgl.batch([graphs[i] for i in idx]).to(device)), ((y[idx] - mean) / std).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
         if step % 5 == 0 or step == args.steps:
             print(f"step {step:4d}  loss {loss.item():.4f}  ({time.time() - t0:.1f} s)")
-    final_mae = train_mae(model, graphs, y, args.batch_size, mean, std)
+    final_mae = train_mae(model, graphs, y, args.batch_size, mean, std, device)
     baseline = (y - y.median()).abs().mean().item()
     print(f"final train MAE {final_mae:.4f} eV/atom (initial {initial_mae:.4f}, constant predictor {baseline:.4f})")
     return {"initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,

@@ -61,7 +61,7 @@ def setup(request, tmp_path):
         return (f"sqlite:///{tmp_path}/hpo.db", ["--dataset", "megnet_sample", "--epochs", "4"],
                 {"HPO_TRAINER": "dgl_crystalframer.hpo.fake:train", "HPO_FAKE_EPOCH_SECONDS": "0.25"})
     from dgl_crystalframer.data import load_dataset
-    from test_training import write_small_dataset
+    from datasets import write_small_dataset
 
     data = write_small_dataset(tmp_path / "small.json")
     cache = tmp_path / "cache"

@@ -81,3 +81,49 @@ def test_openmp_wait_policy_choice(monkeypatch, libs, env, expect):
     assert {k: os.environ[k] for k in _openmp.USER_KEYS if k in os.environ} == expect
     # torch is imported already here: only a passive policy we could not apply deserves a warning
     assert any("too late" in str(w.message) for w in caught) == (expect == {"OMP_WAIT_POLICY": "passive"} and not env)
+
+
+# ---------------------------------------------------------------- import dgl in either order
+
+ORDERS = {
+    "dgl first": "import dgl\nfrom dgl_crystalframer.nn import CrystalFramerConv\n",
+    "package first": "import dgl_crystalframer\nimport dgl\nfrom dgl_crystalframer.nn import CrystalFramerConv\n",
+    # a user's script that never imports this package before DGL does its own work
+    "dgl only, then the layer": ("import dgl, torch\ng = dgl.graph(([0, 1], [1, 0]))\nassert g.num_edges() == 2\n"
+                                 "from dgl_crystalframer import CrystalFramerConv\n"),
+}
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_import_dgl_in_either_order(order):
+    """Installed (make setup), the package's start-up hook lets ``import dgl`` work with torch 2.13
+    even before the package is imported; the placeholder only appears where graphbolt's library
+    is missing."""
+    code = ORDERS[order] + textwrap.dedent("""
+        import sys, os, torch
+        from dgl_crystalframer import _graphbolt
+        lib = _graphbolt.library_path()
+        assert _graphbolt.placeholder_active() == (not os.path.exists(lib)), lib
+        print("OK", torch.__version__)
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_graphbolt_hook_leaves_a_real_library_alone(monkeypatch, tmp_path):
+    from dgl_crystalframer import _graphbolt
+
+    finder = next(f for f in sys.meta_path if getattr(f, _graphbolt.MARKER, False))
+    # the hook's own copy of the module (the installed .pth loads _graphbolt.py by path)
+    hook_globals = type(finder).find_spec.__globals__
+    present = tmp_path / "libgraphbolt_pytorch_9.9.9.so"
+    present.write_bytes(b"")
+    monkeypatch.setitem(hook_globals, "library_path", lambda: str(present))
+    assert finder.find_spec("dgl.graphbolt") is None  # DGL's own graphbolt imports untouched
+    monkeypatch.setitem(hook_globals, "library_path", lambda: str(tmp_path / "missing.so"))
+    spec = finder.find_spec("dgl.graphbolt")
+    assert spec is not None and spec.submodule_search_locations == []
+    assert finder.find_spec("dgl.sparse") is None and finder.find_spec("numpy") is None
+    _graphbolt.install()
+    assert sum(getattr(f, _graphbolt.MARKER, False) for f in sys.meta_path) == 1  # installed once

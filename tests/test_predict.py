@@ -14,7 +14,7 @@ import pytest
 
 from dgl_crystalframer.predict import Predictor, expand_inputs
 from dgl_crystalframer.training import train_and_evaluate
-from test_training import SAMPLE, tiny_config, write_small_dataset
+from datasets import SAMPLE, tiny_config, write_small_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

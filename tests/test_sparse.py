@@ -1,29 +1,19 @@
-"""The sparse seam (dgl_crystalframer/sparse.py): both backends give the same numbers, the selector
-picks what the README says, and plain-tensor batches (the GPU path without a CUDA build of DGL)
-run the same model."""
+"""The sparse seam (dgl_crystalframer/sparse.py): both backends give the same numbers and the selector
+picks what the README says.  (Plain-tensor batches: tests/test_batch.py.)"""
 import numpy as np
 import pytest
 import torch
 
 from dgl_crystalframer import sparse
 from dgl_crystalframer._dgl import dgl
-from dgl_crystalframer.batch import CrystalBatch, collate, to_device
 from dgl_crystalframer.graph import build_graph
 from dgl_crystalframer.model import CrystalFramer
 
-from test_model import ALL_FRAMES, DEGENERATE, INVARIANT_FRAMES, STRUCTURES, nacl, permuted, random_rotation, rotated, \
+from crystals import ALL_FRAMES, DEGENERATE, INVARIANT_FRAMES, STRUCTURES, nacl, permuted, random_rotation, rel, rotated, \
     supercell
 
+
 BATCH = dgl.batch([build_graph(s) for s in STRUCTURES + [nacl()]])
-
-
-@pytest.fixture
-def backend():
-    """Run with a backend forced, and leave the process as it was."""
-    def use(name):
-        sparse.set_backend(name)
-    yield use
-    sparse.set_backend("auto")
 
 
 def run_model(frame, graph, backend_name, dtype=torch.float32, steps=0, seed=0):
@@ -45,10 +35,6 @@ def run_model(frame, graph, backend_name, dtype=torch.float32, steps=0, seed=0):
         opt.step()
         losses.append(loss.item())
     return out.detach(), grads, losses
-
-
-def rel(a, b, floor=1e-12):
-    return float((a - b).abs().max() / a.abs().max().clamp_min(floor))
 
 
 def worst_gradient(grads_a, grads_b):
@@ -111,37 +97,6 @@ def test_torch_backend_is_invariant(frame, backend):
                           ("atom order", [permuted(s, 1) for s in STRUCTURES]),
                           ("2x1x1 supercell", [supercell(s, (2, 1, 1)) for s in STRUCTURES])):
         assert rel(base, predict(variant)) < 1e-4, f"{frame}: {what}"
-
-
-def test_plain_tensor_batch_runs_the_same_model(backend):
-    """A CrystalBatch (what a GPU gets with DGL from PyPI) and the DGLGraph it came from give the
-    same prediction, with either backend."""
-    items = [(build_graph(s), torch.tensor([0.0])) for s in STRUCTURES]
-    bg, _ = collate(items)
-    tb, _ = collate(items, as_tensors=True)
-    assert isinstance(tb, CrystalBatch) and tb.sorted_by_dst
-    assert tb.num_nodes() == bg.num_nodes() and tb.num_edges() == bg.num_edges() and tb.batch_size == bg.batch_size
-    torch.manual_seed(0)
-    model = CrystalFramer(frame="max", num_layers=2)
-    model.train()
-    model(bg)
-    model.eval()
-    with torch.no_grad():
-        ref = model(bg)
-        for name in ("dgl", "torch"):
-            backend(name)
-            assert rel(ref, model(tb)) < 1e-6, name
-    assert to_device(tb, "cpu") is tb
-
-
-def test_unsorted_plain_batch_is_sorted_by_the_topology():
-    g = build_graph(STRUCTURES[1])
-    perm = torch.randperm(g.num_edges(), generator=torch.Generator().manual_seed(0))
-    src, dst = g.edges()
-    tb = CrystalBatch(src[perm], dst[perm], g.batch_num_nodes(), dict(g.ndata), {k: v[perm] for k, v in g.edata.items()})
-    topo = sparse.Topology.of(tb, backend="torch")
-    assert topo.order is not None
-    assert torch.equal(topo.dst[topo.order], dst) and topo.indptr[-1] == g.num_edges()
 
 
 def test_selector_picks_dgl_where_dgl_runs_and_torch_elsewhere(monkeypatch, backend):

@@ -1,10 +1,9 @@
-"""Training recipe, checkpoints, resume (including after kill -9), presets and config files.
+"""Training recipe, checkpoints, resume (including after kill -9).  (Presets and config files: tests/test_config.py.)
 
 Fast: a tiny model (1 layer, d=32) on a few dozen real MP crystals taken from the embedded sample.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -20,41 +19,13 @@ import pytest
 import torch
 
 from dgl_crystalframer.checkpoint import load_checkpoint
-from dgl_crystalframer.config import ModelConfig, TrainConfig, paper_schedule
+from dgl_crystalframer.config import TrainConfig
 from dgl_crystalframer.errors import ConfigError
 from dgl_crystalframer.training import SWA, Trainer, train_and_evaluate, weight_decay_groups
 
+from datasets import TINY, tiny_config, write_small_dataset
+
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "dgl_crystalframer" / "sample" / "megnet_sample.json.gz"
-TINY = dict(num_layers=1, dim=32, num_heads=4, ffn_dim=64, num_angle_basis=8)
-
-
-def write_small_dataset(path: Path, n_train: int = 40, n_val: int = 12, n_test: int = 12, max_atoms: int = 6) -> Path:
-    """A JSON dataset (jarvis-style records with a 'split' field) of small real MP crystals, target e_form."""
-    doc = json.loads(gzip.decompress(SAMPLE.read_bytes()))
-    want = {"train": n_train, "val": n_val, "test": n_test}
-    records = []
-    for e in doc["entries"]:
-        split = (e.get("split") or {}).get("e_form")
-        value = e["targets"].get("e_form")
-        if split not in want or want[split] == 0 or value is None or len(e["species"]) > max_atoms:
-            continue
-        if not all(isinstance(s, str) for s in e["species"]):
-            continue
-        want[split] -= 1
-        records.append({"id": e["id"], "atoms": {"lattice_mat": e["lattice"], "coords": e["frac_coords"],
-                                                 "elements": e["species"], "cartesian": False},
-                        "e_form": value, "split": split})
-    path.write_text(json.dumps(records))
-    return path
-
-
-def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(dataset=str(data), target="e_form", frame="max", preset="smoke", epochs=3, batch_size=8,
-                max_train=None, max_eval=None, cache_dir=str(out.parent / "cache"), out_dir=str(out), progress=False,
-                plots=False, threads=1, **TINY)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -62,58 +33,7 @@ def small_data(tmp_path_factory) -> Path:
     return write_small_dataset(tmp_path_factory.mktemp("data") / "small.json")
 
 
-# -- configuration ----------------------------------------------------------------------------
-
-
-def test_paper_preset_follows_spec():
-    c = TrainConfig(dataset="dft_3d_2021", target="formation_energy_peratom", preset="paper").resolved()
-    assert (c.epochs, c.batch_size, c.swa_epochs, c.frame) == (2000, 256, 50, "max")
-    assert (c.num_layers, c.dim) == (None, None)  # the model's defaults (L=4, d=128)
-    c = TrainConfig(dataset="dft_3d_2021", target="formation_energy_peratom", frame="none", preset="paper").resolved()
-    assert (c.epochs, c.batch_size) == (800, 256)
-    assert paper_schedule("dft_3d_2021", "mbj_bandgap", "none")["epochs"] == 1600
-    c = TrainConfig(dataset="megnet", target="e_form", preset="paper").resolved()
-    assert (c.epochs, c.batch_size, c.swa_epochs, c.lr, c.betas, c.weight_decay, c.clip, c.lr_T, c.seed) == (
-        500, 128, 50, 5e-4, (0.9, 0.98), 1e-5, 1.0, 4000.0, 123)
-    assert c.out_dir == os.path.join("runs", "megnet-e_form-max")
-
-
-def test_explicit_fields_override_presets():
-    c = TrainConfig(preset="smoke", epochs=7, num_layers=3, batch_size=5).resolved()
-    assert (c.epochs, c.num_layers, c.batch_size) == (7, 3, 5)
-    assert c.dim == 32 and c.max_train == 48  # the rest from the preset
-    assert c.swa_epochs == 1  # 10% of 7, at least 1
-    q = TrainConfig(preset="quick").resolved()  # the paper's model, all training crystals
-    assert (q.epochs, q.batch_size, q.swa_epochs) == (10, 64, 2) and q.model_config() == ModelConfig()
-    assert q.max_train is None
-    s = TrainConfig(preset="smoke").resolved()
-    assert s.epochs <= 3 and s.num_layers == 1
-    with pytest.raises(ConfigError, match="frame"):
-        TrainConfig(frame="bogus").resolved()
-    with pytest.raises(ConfigError, match="swa_epochs"):
-        TrainConfig(epochs=3, swa_epochs=4).resolved()
-
-
-def test_config_file_yaml_json_and_unknown_keys(tmp_path):
-    y = tmp_path / "c.yaml"
-    y.write_text("dataset: megnet_sample\ntarget: gap_pbe\nepochs: 4\nlr: 1.0e-3\nbetas: [0.9, 0.99]\n")
-    c = TrainConfig.from_file(str(y), epochs=9)
-    assert (c.target, c.epochs, c.lr, c.betas) == ("gap_pbe", 9, 1e-3, (0.9, 0.99))
-    j = tmp_path / "c.json"
-    j.write_text(json.dumps({"frame": "none", "num_layers": 2}))
-    assert TrainConfig.from_file(str(j)).num_layers == 2
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("epochs: 3\nlearning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'learning_rate'.*Valid keys"):
-        TrainConfig.from_file(str(bad))
-    bad.write_text("epochs: three\n")
-    with pytest.raises(ConfigError, match="epochs must be int"):
-        TrainConfig.from_file(str(bad))
-    with pytest.raises(ConfigError, match="does not exist"):
-        TrainConfig.from_file(str(tmp_path / "missing.yaml"))
-
-
-# -- recipe pieces ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------ recipe pieces
 
 
 def test_weight_decay_only_on_weights():
@@ -148,7 +68,7 @@ def test_lr_schedule_and_swa_average():
     assert swa.n_averaged == 3
 
 
-# -- a full small run ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- a full small run
 
 
 def test_train_writes_everything_and_checkpoints_load(small_data, tmp_path):
@@ -227,7 +147,7 @@ def test_resume_refuses_a_different_config(small_data, tmp_path):
 RESUME_SCRIPT = textwrap.dedent("""
     import os, sys, time, json
     sys.path.insert(0, {tests!r})
-    from test_training import tiny_config
+    from datasets import tiny_config
     from pathlib import Path
     from dgl_crystalframer.data import load_dataset
     from dgl_crystalframer.training import train_and_evaluate

@@ -44,12 +44,17 @@ def transforms(s: Structure, rng: np.random.Generator):
     }
 
 
-def main(argv=None, prog: str = "dgl-crystalframer invariance") -> int:
+def build_parser(prog: str = "dgl-crystalframer invariance") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=40, help="crystals (the smallest cells of the sample come first)")
     p.add_argument("--frames", default=",".join(FRAMES), help="comma-separated frame types (default: all)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     p.add_argument("--backend", choices=("auto", "dgl", "torch"), default="auto", help="sparse backend (default: auto)")
+    return p
+
+
+def main(argv=None, prog: str = "dgl-crystalframer invariance") -> int:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     frames = [f.strip() for f in args.frames.split(",") if f.strip()]
     unknown = [f for f in frames if f not in FRAMES]

@@ -478,7 +478,7 @@ def format_report(perf: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf") -> int:
+def build_parser(prog: str = "dgl-crystalframer perf") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats and crystals")
     p.add_argument("--frames", default=",".join(FRAMES), help="comma-separated frame types for the training table")
@@ -493,6 +493,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
     p.add_argument("--backend", choices=("auto", "dgl", "torch"), default="auto",
                    help="sparse backend for the device report (default: auto)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # scaling | memory-<frame> | omp-<policy> | kernels-torch | backend-torch
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf") -> int:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ import pytest
 from benchmarks import jarvis
 from dgl_crystalframer.cli import train as train_cli
 from dgl_crystalframer.config import FRAME_TYPES as FRAMES
-from test_training import write_small_dataset
+from datasets import write_small_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DFT3D = REPO.parent / "shared" / "data" / "jarvis_dft3d_2021_sample"

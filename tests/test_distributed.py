@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_training import write_small_dataset
+from datasets import write_small_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     import torch
     import torch.distributed as dist
-    from test_training import tiny_config
+    from datasets import tiny_config
     from dgl_crystalframer.training import Trainer
 
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
