@@ -49,3 +49,47 @@ def test_leaderboard_package_membership_is_used(tmp_path, cache_dir, monkeypatch
     d = load_dataset("dft_3d_2021", "ehull", data_dir=SHARED, split="leaderboard", cache_dir=cache_dir, progress=False)
     assert (len(d.train), len(d.val), len(d.test)) == (200, 20, 20) and "dft_3d_ehull" in d.info["split"]
     assert d.info["n_unassigned"] == 11
+
+
+# ------------------------------------------------------------------------------ users' data
+
+
+def _csv_with_split(tmp_path, sample_entries, labels, name="s.csv"):
+    import pandas as pd
+
+    from datasets import _structure
+
+    rows = [{"id": e["id"], "structure": _structure(e).to(fmt="cif"), "y": e["targets"]["e_form"], "split": lb}
+            for e, lb in zip(sample_entries, labels)]
+    pd.DataFrame(rows).to_csv(tmp_path / name, index=False)
+    return str(tmp_path / name)
+
+
+def test_train_and_test_only_gets_a_seeded_validation_set_from_train(tmp_path, sample_entries, cache_dir, caplog):
+    """matbench-style data: a split column with train and test only."""
+    labels = ["train"] * 10 + ["test"] * 2
+    path = _csv_with_split(tmp_path, sample_entries, labels)
+    with caplog.at_level("WARNING", logger="dgl_crystalframer"):
+        d = load_dataset(path, "y", cache_dir=cache_dir, progress=False)
+    assert (len(d.train), len(d.val), len(d.test)) == (9, 1, 2)  # 10% of train, at least one
+    assert "carved from train" in d.info["split"] and "1 of the 10 training entries" in caplog.text
+    train_ids = {e["id"] for e, lb in zip(sample_entries, labels) if lb == "train"}
+    assert set(d.val.ids) <= train_ids and not set(d.val.ids) & set(d.train.ids)
+    again = load_dataset(path, "y", cache_dir=cache_dir, progress=False)
+    assert again.val.ids == d.val.ids  # seeded
+    other = load_dataset(path, "y", cache_dir=cache_dir, progress=False, seed=7)
+    assert sorted(other.train.ids + other.val.ids) == sorted(d.train.ids + d.val.ids)
+
+
+def test_no_split_column_is_a_random_80_10_10_using_every_entry(tmp_path, sample_entries, cache_dir):
+    from datasets import _write_csv
+
+    d = load_dataset(_write_csv(tmp_path, sample_entries), "y", cache_dir=cache_dir, progress=False)
+    assert d.info["split"].startswith("random") and (len(d.train), len(d.val), len(d.test)) == (10, 1, 1)
+    assert d.info["n_unassigned"] == 0
+
+
+def test_a_given_validation_set_is_used_as_given(tmp_path, sample_entries, cache_dir):
+    labels = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
+    d = load_dataset(_csv_with_split(tmp_path, sample_entries, labels), "y", cache_dir=cache_dir, progress=False)
+    assert d.info["split"] == "column" and (len(d.train), len(d.val), len(d.test)) == (8, 2, 2)

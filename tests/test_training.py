@@ -87,6 +87,8 @@ def test_train_writes_everything_and_checkpoints_load(small_data, tmp_path):
                  "learning_curve.png"):
         assert (out / name).is_file(), name
     assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 3
+    ids = json.loads((out / "split_ids.json").read_text())  # the ids each split used, next to results.json
+    assert [len(ids[s]) for s in ("train", "val", "test")] == [40, 12, 12] and ids["split"] == res["split"] == "column"
     assert json.loads((out / "results.json").read_text())["test_mae"] == pytest.approx(res["test_mae"])
     assert not list(out.glob("*.tmp"))
 
