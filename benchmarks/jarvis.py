@@ -14,7 +14,8 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dgl_crystalframer.cli import run_command
-from dgl_crystalframer.cli.train import FRAME_LABELS, RESULT_HEADER, fmt, main as train_main, result_row, run_lines, table
+from dgl_crystalframer.cli.train import (FRAME_LABELS, RESULT_HEADER, by_frame, fmt, main as train_main, result_row,
+                                         run_lines, table)
 
 # --------------------------------------------------------------------------------------------
 # Published test MAEs (docs/METHOD.md 7). Rows: (name, frame of that row or None, values per column).
@@ -69,7 +70,7 @@ def format_table(results: Sequence[Dict[str, Any]]) -> str:
     first = results[0]
     dataset, target, unit = first["dataset"], first["target"], first.get("unit") or ""
     table_name, rows = published_rows(dataset, target)
-    ours = {r["frame"]: r for r in results}
+    ours = by_frame(results)
     lines: List[str] = [f"Test MAE, {dataset} / {target}" + (f" ({unit})" if unit else "")]
     sample = dataset == "megnet_sample" or any(r.get("config", {}).get("max_train") for r in results)
     if sample:

@@ -40,8 +40,10 @@ def gaussian_distance_basis(dist: torch.Tensor, size: int = DIST_BASIS_SIZE, r_m
     dist: [E] -> [E, size].  The first centre is r_max / size, not 0 (docs/METHOD.md 2.2).
     """
     step = r_max / size
-    centres = torch.arange(1, size + 1, device=dist.device, dtype=dist.dtype) * step
-    return torch.exp(-0.5 * ((dist.unsqueeze(-1) - centres) / step) ** 2)
+    centres = torch.arange(1, size + 1, device=dist.device, dtype=dist.dtype)  # in units of step
+    # In place, and with the exponent clamped where the Gaussian is below float32's smallest normal
+    # number: denormal results made this 5-10x slower on CPU (their value, < 1e-38, is kept as 1e-38).
+    return torch.sub((dist / step).unsqueeze(-1), centres).square_().mul_(-0.5).clamp_(min=-87.0).exp_()
 
 
 def gaussian_angle_basis(cos: torch.Tensor, size: int = ANGLE_BASIS_SIZE, width: float = ANGLE_BASIS_WIDTH) -> torch.Tensor:

@@ -37,6 +37,7 @@ class ModelConfig:
     num_dist_basis: int = 64  # K, Gaussians on |r| with centres k * rmax / K
     dist_basis_rmax: float = 14.0
     dropout: float = 0.0
+    symmetrize_ties: bool = True  # average tied frames' e3 features over c -> -c (invariance, docs/METHOD.md 3)
     rvec_key: str = "rvec"  # graph keys: what the model reads from ndata / edata
     species_key: str = "species"
 
@@ -86,10 +87,12 @@ def model_config(preset: Optional[str] = None, **overrides: Any) -> ModelConfig:
 # ``smoke`` checks the plumbing in seconds with a tiny model.
 TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
     "smoke": dict(epochs=2, batch_size=16, num_layers=1, dim=32, num_heads=4, ffn_dim=64,
-                  num_angle_basis=8, max_train=48, max_eval=32),
-    "quick": dict(epochs=10, batch_size=64, swa_epochs=2),
-    "paper": dict(),
+                  num_angle_basis=8, max_train=48, max_eval=32, schedule="cosine"),
+    "quick": dict(epochs=10, batch_size=64, swa_epochs=2, schedule="cosine"),
+    "paper": dict(schedule="paper"),
 }
+SCHEDULES = ("paper", "cosine")  # schedule.py
+REPORTED_MODELS = ("swa", "best", "final")
 JARVIS_DATASETS = ("dft_3d_2021", "dft_3d")
 DEFAULT_DATASET = "megnet_sample"
 # Fields that may differ between an interrupted run and its resumption.
@@ -119,10 +122,14 @@ class _RunSettings:
     cutoff: Optional[float] = None  # None: derived from the sigma bound (~6.93 A)
     max_train: Optional[int] = None  # cap on training crystals (a seeded random subset), for quick runs
     max_eval: Optional[int] = None  # cap on validation and test crystals each
+    split_seed: int = 123  # the random splits (paper, random, carved validation); `seed` is the training's
+    unit: Optional[str] = None  # the target's unit, for data that does not say
     # model: model_preset, then the ModelConfig fields (None: from the preset / the defaults)
     model_preset: Optional[str] = None  # crystalformer | default | lightweight
     # schedule
     preset: str = "quick"
+    schedule: Optional[str] = None  # paper | cosine (schedule.py); None: the preset's
+    time_budget: Optional[str] = None  # e.g. "10m", "2h": plan the steps that fit (replaces epochs)
     epochs: Optional[int] = None
     batch_size: Optional[int] = None  # global batch (split across DDP ranks)
     eval_batch_size: Optional[int] = None
@@ -132,6 +139,9 @@ class _RunSettings:
     clip: float = 1.0
     lr_T: float = 4000.0
     swa_epochs: Optional[int] = None  # None: min(50, 10% of epochs)
+    swa_fraction: float = 0.2  # with a time budget: the part of the planned steps whose weights are averaged
+    warmup_steps: int = 0  # cosine schedule: linear warm-up steps
+    reported_model: Optional[str] = None  # swa | best | final; None: swa when weights were averaged, else final
     seed: int = 123
     # runtime
     device: str = "auto"
@@ -232,6 +242,16 @@ class _RunSettings:
             raise ConfigError(f"num_workers must be >= 0 (got {self.num_workers})")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: use {', '.join(BACKENDS)}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
+        if self.reported_model is not None and self.reported_model not in REPORTED_MODELS:
+            raise ConfigError(f"reported_model must be one of {', '.join(REPORTED_MODELS)}, got {self.reported_model!r}")
+        if not 0.0 <= self.swa_fraction < 1.0 or self.warmup_steps < 0:
+            raise ConfigError("swa_fraction must be in [0, 1) and warmup_steps >= 0")
+        if self.time_budget is not None:
+            from .schedule import parse_duration  # raises ConfigError on a bad duration
+
+            parse_duration(self.time_budget)
 
 
 # TrainConfig = the run settings + every ModelConfig field (None = from model_preset / defaults).
@@ -299,6 +319,8 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
             raise bad
         return float(value)
     if base is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. time_budget: 600
         if not isinstance(value, (str, os.PathLike)):
             raise bad
         return str(value)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels as K
 from . import sparse as S
 from .basis import CANDIDATE_MIN_D2, TIE_TOL  # noqa: F401  (CANDIDATE_MIN_D2: part of this module's API)
 from .config import FRAME_TYPES, ConfigError
@@ -112,7 +113,11 @@ def _max_style_frames(topo: S.Topology, score: torch.Tensor, rhat: torch.Tensor,
     features, and the edge index would pick the class by atom order.  So among tied e2 candidates
     the one turning counter-clockwise about m, the attention-weighted mean direction (a
     rotation-covariant vector that site symmetries fix), wins: maximise (e1 x r) . m.
-    Returns (frames [N, H, 3, 3], tied [N, H])."""
+    Returns (frames [N, H, 3, 3], tied [N, H]).  On CPU one fused numba kernel does all of it
+    (``kernels.max_style_frames``, the same rules); elsewhere the torch operations below."""
+    if K.use_numba_frames(score):
+        return K.max_style_frames(topo.indptr, topo.order, score, secondary, rhat, candidate, weights, TIE_TOL,
+                                  COLLINEAR_COS)
     E, H = score.shape
     valid = candidate.unsqueeze(-1).expand(-1, H)
     i1, found1, tied1 = _segment_argmax(topo, score, valid, () if secondary is None else (secondary,))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from . import basis as B
@@ -115,6 +116,38 @@ def _taps(indptr, cos, sym, chunk, half: int, S: int, M: int, mirror_axes):
     return taps
 
 
+def max_style_frames(indptr: torch.Tensor, order, score: torch.Tensor, secondary, rhat: torch.Tensor,
+                     candidate: torch.Tensor, weights: torch.Tensor, tie_tol: float, collinear_cos: float):
+    """``frames._max_style_frames`` in one fused CPU pass (numba): the same rules, the same ties.
+
+    The torch version is about a hundred small tensor operations per layer, which dominate the
+    time of small batches (single-crystal prediction).  Inputs as there, edges in the graph's order;
+    ``order`` sorts them by destination (None: they are).  Returns (frames [N, H, 3, 3], tied [N, H]).
+    """
+    E, H = score.shape
+    N = indptr.shape[0] - 1
+    if order is not None:
+        score, rhat, candidate, weights = score[order], rhat[order], candidate[order], weights[order]
+        secondary = secondary[order] if secondary is not None else None
+        edge_id = order.numpy()
+    else:
+        edge_id = np.arange(E, dtype=np.int64)
+    frames = np.empty((N, H, 3, 3), dtype=np.float64)
+    tied = np.empty((N, H), dtype=np.bool_)
+    sec = secondary.detach().double().contiguous().numpy() if secondary is not None else np.zeros((1, 1))
+    _sync_threads()
+    _max_frames_numba(indptr.numpy(), edge_id, score.detach().double().contiguous().numpy(), sec,
+                      secondary is not None, rhat.detach().double().contiguous().numpy(),
+                      candidate.contiguous().numpy(), weights.detach().double().contiguous().numpy(),
+                      float(tie_tol), float(collinear_cos), frames, tied)
+    return torch.from_numpy(frames).to(rhat.dtype), torch.from_numpy(tied)
+
+
+def use_numba_frames(t: torch.Tensor) -> bool:
+    """Whether ``max_style_frames`` runs for tensors like ``t`` (CPU, numba installed and chosen)."""
+    return _use_numba(t)
+
+
 if numba is not None:
     # The loops mirror basis.angle_segments and _taps; prange over atoms, so each thread owns its rows.
     @njit(parallel=True, cache=True, nogil=True)
@@ -180,3 +213,99 @@ if numba is not None:
                         else:
                             acc += _dot_moments(grad_hist, row, u, S, M)
                     grad_w[e, h] = acc
+
+    @njit(inline="always")
+    def _near(value, best, tol):  # pragma: no cover - compiled
+        return value >= best - tol * (1.0 + abs(best))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _max_frames_numba(indptr, edge_id, score, sec, has_sec, rhat, cand, w, tol, coll, frames, tied):  # pragma: no cover
+        N, H = frames.shape[0], frames.shape[1]
+        neg = -np.inf
+        for n in prange(N):
+            e0, e1_ = indptr[n], indptr[n + 1]
+            for h in range(H):
+                # e1: the candidate with the best score, ties narrowed by the secondary score, then the lowest edge id
+                best = neg
+                for e in range(e0, e1_):
+                    if cand[e] and score[e, h] > best:
+                        best = score[e, h]
+                idx1, count1 = -1, 0
+                if best > neg:
+                    best2 = neg
+                    if has_sec:
+                        for e in range(e0, e1_):
+                            if cand[e] and _near(score[e, h], best, tol) and sec[e, h] > best2:
+                                best2 = sec[e, h]
+                    for e in range(e0, e1_):
+                        if cand[e] and _near(score[e, h], best, tol) and (not has_sec or _near(sec[e, h], best2, tol)):
+                            count1 += 1
+                            if idx1 < 0 or edge_id[e] < edge_id[idx1]:
+                                idx1 = e
+                a0, a1, a2 = (rhat[idx1, 0], rhat[idx1, 1], rhat[idx1, 2]) if idx1 >= 0 else (1.0, 0.0, 0.0)
+                # m: the attention-weighted mean direction; turn = r . (m x e1)
+                m0 = m1 = m2 = 0.0
+                for e in range(e0, e1_):
+                    if cand[e]:
+                        m0 += w[e, h] * rhat[e, 0]
+                        m1 += w[e, h] * rhat[e, 1]
+                        m2 += w[e, h] * rhat[e, 2]
+                c0, c1, c2 = m1 * a2 - m2 * a1, m2 * a0 - m0 * a2, m0 * a1 - m1 * a0
+                # e2: best score + log(1 - |cos|) among the non-collinear, ties by secondary + penalty, then turn
+                best = neg
+                for e in range(e0, e1_):
+                    if cand[e]:
+                        cos = rhat[e, 0] * a0 + rhat[e, 1] * a1 + rhat[e, 2] * a2
+                        if abs(cos) < coll:
+                            s2 = score[e, h] + np.log(max(1.0 - abs(cos), 1e-5))
+                            if s2 > best:
+                                best = s2
+                idx2, count2 = -1, 0
+                if best > neg:
+                    best_s, best_t = neg, neg
+                    if has_sec:
+                        for e in range(e0, e1_):
+                            if cand[e]:
+                                cos = rhat[e, 0] * a0 + rhat[e, 1] * a1 + rhat[e, 2] * a2
+                                pen = np.log(max(1.0 - abs(cos), 1e-5))
+                                if abs(cos) < coll and _near(score[e, h] + pen, best, tol) and sec[e, h] + pen > best_s:
+                                    best_s = sec[e, h] + pen
+                    for e in range(e0, e1_):
+                        if cand[e]:
+                            cos = rhat[e, 0] * a0 + rhat[e, 1] * a1 + rhat[e, 2] * a2
+                            pen = np.log(max(1.0 - abs(cos), 1e-5))
+                            if (abs(cos) < coll and _near(score[e, h] + pen, best, tol)
+                                    and (not has_sec or _near(sec[e, h] + pen, best_s, tol))):
+                                turn = rhat[e, 0] * c0 + rhat[e, 1] * c1 + rhat[e, 2] * c2
+                                if turn > best_t:
+                                    best_t = turn
+                    for e in range(e0, e1_):
+                        if cand[e]:
+                            cos = rhat[e, 0] * a0 + rhat[e, 1] * a1 + rhat[e, 2] * a2
+                            pen = np.log(max(1.0 - abs(cos), 1e-5))
+                            turn = rhat[e, 0] * c0 + rhat[e, 1] * c1 + rhat[e, 2] * c2
+                            if (abs(cos) < coll and _near(score[e, h] + pen, best, tol)
+                                    and (not has_sec or _near(sec[e, h] + pen, best_s, tol)) and _near(turn, best_t, tol)):
+                                count2 += 1
+                                if idx2 < 0 or edge_id[e] < edge_id[idx2]:
+                                    idx2 = e
+                if idx2 >= 0:  # Gram-Schmidt against e1
+                    r0, r1, r2 = rhat[idx2, 0], rhat[idx2, 1], rhat[idx2, 2]
+                    d = r0 * a0 + r1 * a1 + r2 * a2
+                    b0, b1, b2 = r0 - d * a0, r1 - d * a1, r2 - d * a2
+                else:  # every candidate collinear with e1 (or none): any perpendicular axis
+                    k = 0
+                    if abs(a1) < abs(a0):
+                        k = 1
+                    if abs(a2) < abs(a0) and abs(a2) < abs(a1):
+                        k = 2
+                    x0, x1, x2 = (1.0 if k == 0 else 0.0), (1.0 if k == 1 else 0.0), (1.0 if k == 2 else 0.0)
+                    b0, b1, b2 = a1 * x2 - a2 * x1, a2 * x0 - a0 * x2, a0 * x1 - a1 * x0
+                norm = max(np.sqrt(b0 * b0 + b1 * b1 + b2 * b2), 1e-12)
+                b0, b1, b2 = b0 / norm, b1 / norm, b2 / norm
+                frames[n, h, 0, 0], frames[n, h, 0, 1], frames[n, h, 0, 2] = a0, a1, a2
+                frames[n, h, 1, 0], frames[n, h, 1, 1], frames[n, h, 1, 2] = b0, b1, b2
+                frames[n, h, 2, 0] = a1 * b2 - a2 * b1
+                frames[n, h, 2, 1] = a2 * b0 - a0 * b2
+                frames[n, h, 2, 2] = a0 * b1 - a1 * b0
+                tied[n, h] = count1 > 1 or (count2 > 1 and idx2 >= 0)

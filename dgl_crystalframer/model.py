@@ -52,7 +52,7 @@ class CrystalFramer(nn.Module):
             CrystalFramerBlock(c.dim, c.num_heads, c.ffn_dim, c.dropout, frame=c.frame, num_dist_basis=c.num_dist_basis,
                                dist_basis_rmax=c.dist_basis_rmax, num_angle_basis=c.num_angle_basis,
                                angle_basis_width=c.angle_basis_width, c_dist=c.c_dist, c_angl=c.c_angl,
-                               rvec_key=c.rvec_key)
+                               rvec_key=c.rvec_key, symmetrize_ties=c.symmetrize_ties)
             for _ in range(c.num_layers))
         self.head = nn.Sequential(nn.Linear(c.dim, c.dim), nn.ReLU(), nn.Linear(c.dim, 1))
         self.reset_parameters()

@@ -27,7 +27,7 @@ class EdgeGeometry(NamedTuple):
     dist2: torch.Tensor  # [E]   |r|^2
     rhat: torch.Tensor  # [E, 3] r / |r| (0 for the self image)
     candidate: torch.Tensor  # [E] bool, not the self image
-    dist_basis: torch.Tensor  # [E, K] b_dist(|r|)
+    dist_basis: torch.Tensor  # [N, max_degree, K] b_dist(|r|) of each atom's edges (topo.pad), 0 where padded
     topo: S.Topology  # the edges grouped by destination atom, on the device, with the sparse backend
 
 
@@ -43,27 +43,29 @@ def edge_geometry(graph, rvec: torch.Tensor, num_dist_basis: int = B.DIST_BASIS_
     candidate = dist2 > CANDIDATE_MIN_D2
     dist = dist2.sqrt()
     rhat = torch.where(candidate.unsqueeze(-1), rvec / dist.clamp_min(1e-12).unsqueeze(-1), torch.zeros_like(rvec))
-    return EdgeGeometry(dist2, rhat, candidate, B.gaussian_distance_basis(dist, num_dist_basis, dist_basis_rmax), topo)
+    return EdgeGeometry(dist2, rhat, candidate, topo.pad(B.gaussian_distance_basis(dist, num_dist_basis, dist_basis_rmax)),
+                        topo)
 
 
 class _DistAggregate(torch.autograd.Function):
     """A[i, h, :] = sum_{e -> i} w[e, h] * b_dist[e, :]  ->  [N, H, K].
 
-    Forward is a broadcasting SpMM (``sparse.edge_sum``).  Backward needs only dL/dw (the basis is
-    a constant), as one SDDMM dot product; a generic backward would form [E, H, K] and sum it.
+    With each atom's edges padded to one row (``Topology.pad``), forward is one batched matmul
+    ``w_pad^T @ b_pad`` and backward needs only dL/dw (the basis is a constant):
+    ``dL/dw = unpad(b_pad @ dL/dA^T)``.  Neither pass forms the [E, H, K] product.
+    basis: [N, max_degree, K] (padded once per batch, ``EdgeGeometry.dist_basis``); weight: [E, H].
     """
 
     @staticmethod
     def forward(ctx, topo, basis, weight):
         ctx.topo = topo
         ctx.save_for_backward(basis)
-        return S.edge_sum(topo, basis.unsqueeze(1), weight.unsqueeze(-1))
+        return torch.bmm(topo.pad(weight).transpose(1, 2), basis)
 
     @staticmethod
     def backward(ctx, grad_out):
         (basis,) = ctx.saved_tensors
-        grad_w = S.e_dot_v(ctx.topo, basis.unsqueeze(1), grad_out.contiguous())
-        return None, None, grad_w.squeeze(-1)
+        return None, None, ctx.topo.unpad(torch.bmm(basis, grad_out.transpose(1, 2)))
 
 
 class _AngularAggregate(torch.autograd.Function):
@@ -193,6 +195,10 @@ class CrystalFramerConv(nn.Module):
         ``forward`` gets no ``rvec`` (see the sign convention above).
     hist_budget : int
         Floats per chunk of the angular histogram (atoms are processed in chunks of this size).
+    symmetrize_ties : bool
+        Average the e3 angular features (all three for ``lattice``) over c -> -c where the frame
+        choice was a tie that only an index could break (see :mod:`~dgl_crystalframer.frames`).
+        Needed for exact invariance on such sites; False keeps the chosen frame's features.
 
     Shapes
     ------
@@ -204,7 +210,7 @@ class CrystalFramerConv(nn.Module):
                  num_dist_basis: int = B.DIST_BASIS_SIZE, dist_basis_rmax: float = B.DIST_BASIS_RMAX,
                  num_angle_basis: int = B.ANGLE_BASIS_SIZE, angle_basis_width: float = B.ANGLE_BASIS_WIDTH,
                  c_dist: float = 1.0, c_angl: float = 1.0, r0: float = B.R0, b: float = B.B, beta: float = B.BETA,
-                 rvec_key: str = "rvec", hist_budget: int = 1 << 20):
+                 rvec_key: str = "rvec", hist_budget: int = 1 << 20, symmetrize_ties: bool = True):
         super().__init__()
         if in_feats % num_heads:
             raise ValueError(f"in_feats={in_feats} is not divisible by num_heads={num_heads}")
@@ -227,7 +233,7 @@ class CrystalFramerConv(nn.Module):
                 raise ValueError(f"num_angle_basis must be >= 2, got {num_angle_basis}")
             table, self.angle_half = B.angle_basis_table(num_angle_basis, angle_basis_width)
             self.register_buffer("angle_table", table.float(), persistent=False)  # follows .to(device/dtype)
-            self.mirror_axes = tuple(SYMMETRISED_AXES.get(frame, (2,)))
+            self.mirror_axes = tuple(SYMMETRISED_AXES.get(frame, (2,))) if symmetrize_ties else ()
             axes = torch.zeros(3, dtype=torch.bool)
             axes[list(self.mirror_axes)] = True
             self.register_buffer("symmetrised_axes", axes, persistent=False)
@@ -254,6 +260,7 @@ class CrystalFramerConv(nn.Module):
         self.sigma_scale.fill_(1.0)
         self.sigma_initialized.fill_(False)
         self._sigma_ready = False
+        self._proj_cache = None
 
     def extra_repr(self) -> str:
         return (f"in_feats={self.in_feats}, num_heads={self.num_heads}, frame={self.frame!r}, "
@@ -272,6 +279,19 @@ class CrystalFramerConv(nn.Module):
         x = (s + self.sigma_shift) * self.sigma_scale
         rho = (1 - self.b) * F.elu(self.beta * x / (1 - self.b)) + 1.0
         return rho / (2 * self.r0 ** 2)
+
+    def _angle_projection(self) -> torch.Tensor:
+        """The basis table projected by W1..W3: P[h, k] = table @ W_kh^T, [H, 3, S*M, d_head].
+        Without autograd (prediction) it is kept until the weights change: a fixed cost per call
+        that small batches would otherwise pay in every layer."""
+        H, dh = self.num_heads, self.head_dim
+        key = (self.angle_proj._version, self.angle_proj.data_ptr(), self.angle_table.data_ptr())
+        if not torch.is_grad_enabled() and self._proj_cache is not None and self._proj_cache[0] == key:
+            return self._proj_cache[1]
+        wk = self.angle_proj.view(3, H, dh, self.num_angle_basis)
+        proj = torch.einsum("xm,khdm->hkxd", self.angle_table.flatten(0, 1), wk)
+        self._proj_cache = (key, proj) if not torch.is_grad_enabled() else None
+        return proj
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -338,8 +358,7 @@ class CrystalFramerConv(nn.Module):
                 # tied frame choices differ at most by the signs of some cosines (frames.py):
                 # the features of those axes are symmetrised over c -> -c there
                 sym = tied.unsqueeze(-1) & self.symmetrised_axes  # [N, H, 3]
-                wk = self.angle_proj.view(3, H, dh, self.num_angle_basis)
-                proj = torch.einsum("xm,khdm->hkxd", self.angle_table.flatten(0, 1), wk)  # [H, 3, S*M, dh]
+                proj = self._angle_projection()  # [H, 3, S*M, dh]
                 y = y + self.c_angl * _AngularAggregate.apply(topo.indptr, cos, w_ang, sym, proj, self.angle_half,
                                                               self.hist_budget, self.mirror_axes)
 

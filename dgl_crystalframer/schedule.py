@@ -65,6 +65,7 @@ class Plan:
     planned_at_step: int = 0  # 0: from the epoch count; > 0: from a budget, after this many steps
     seconds_per_step: Optional[float] = None
     seconds_per_eval: Optional[float] = None
+    seconds_final: Optional[float] = None
 
     def as_dict(self):
         return dict(self.__dict__)

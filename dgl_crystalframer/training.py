@@ -50,6 +50,7 @@ from .errors import ConfigError, DataError
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
 from .model import build_model
 from .plots import write_plots
+from .schedule import Plan, Probe, Schedule, format_duration, parse_duration, plan_steps
 from .targets import Normalizer
 
 
@@ -58,7 +59,7 @@ def load_splits(cfg: TrainConfig, progress: bool = True):
     from .data import load_dataset
 
     return load_dataset(cfg.dataset, cfg.target, progress=progress, data_dir=cfg.data_dir, split=cfg.split,
-                        cutoff=cfg.cutoff, cache_dir=cfg.cache_dir, seed=cfg.seed)
+                        cutoff=cfg.cutoff, cache_dir=cfg.cache_dir, seed=cfg.split_seed)
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -119,11 +120,11 @@ class SWA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for avg, cur in zip(self.module.parameters(), model.parameters()):
-            if self.n_averaged == 0:
-                avg.copy_(cur)
-            else:
-                avg.add_(cur.detach() - avg, alpha=1.0 / (self.n_averaged + 1))
+        averaged, current = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(averaged, current)
+        else:  # avg += (cur - avg) / (n + 1), all parameters in one call
+            torch._foreach_lerp_(averaged, current, 1.0 / (self.n_averaged + 1))
         for avg, cur in zip(self.module.buffers(), model.buffers()):
             avg.copy_(cur)
         self.n_averaged += 1
@@ -144,19 +145,24 @@ class Trainer:
     """One training run; ``train_and_evaluate`` is ``Trainer(cfg).fit()``.
 
     After ``fit``: ``model`` (the trained model, unwrapped), ``swa`` (the SWA average or None),
-    ``result`` (the dict also written to results.json).
+    ``plan`` (the steps it ran), ``result`` (the dict also written to results.json).
     """
 
-    def __init__(self, cfg: TrainConfig, data: Any = None):
+    def __init__(self, cfg: TrainConfig, data: Any = None, started_at: Optional[float] = None):
         self.cfg = cfg.resolved()
         self._data = data
+        self.started_at = started_at  # perf_counter() when the run began (data loading counts in a budget)
         self.dist = DistInfo()
         self.model: Optional[torch.nn.Module] = None
         self.swa: Optional[SWA] = None
         self.result: Optional[Dict[str, Any]] = None
+        self.schedule = Schedule(self.cfg.schedule, self.cfg.lr, self.cfg.lr_T, self.cfg.warmup_steps)
+        self.budget = parse_duration(self.cfg.time_budget) if self.cfg.time_budget is not None else None
+        self.timers: Dict[str, float] = {"data": 0.0, "train": 0.0, "validation": 0.0, "checkpoints": 0.0}
+        self.resumed = False
         # the state that a resume restores
+        self.plan: Optional[Plan] = None
         self.step = 0
-        self.swa_start_step: Optional[int] = None
         self.epoch = 0  # completed epochs
         self.history: List[Dict[str, Any]] = []
         self.best_val = math.inf
@@ -195,7 +201,9 @@ class Trainer:
         self.backend = sparse.select_backend(self.device)
         seed_everything(cfg.seed)
 
+        t0 = time.perf_counter()
         splits = self._data if self._data is not None else self._load_data()
+        self.timers["data"] = time.perf_counter() - t0 if self._data is None else 0.0
         info = dict(getattr(splits, "info", None) or {})
         self.info = info
         self.train_ds = _cap(splits.train, cfg.max_train, cfg.seed)
@@ -208,7 +216,7 @@ class Trainer:
         self.normalizer = Normalizer.fit(_targets(self.train_ds))
         target = info.get("target", cfg.target)
         self.target = target if isinstance(target, str) else cfg.target
-        self.unit = str(info.get("unit") or "")
+        self.unit = str(info.get("unit") or cfg.unit or "")
         self.cutoff = float(info.get("cutoff") or cfg.cutoff or default_cutoff())
 
         # DataLoader workers batch on CPU; the torch backend gets plain tensors (pinned for a GPU)
@@ -233,7 +241,9 @@ class Trainer:
         self.sampler = DistributedSampler(self.train_ds, num_replicas=self.dist.world, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.seed, drop_last=False)
         self.steps_per_epoch = math.ceil(len(self.sampler) / self.per_rank_batch)
-        self.swa_start_epoch = cfg.epochs - cfg.swa_epochs
+        if self.budget is None:  # the plan follows from the epoch count; with a budget, from the first steps
+            total = cfg.epochs * self.steps_per_epoch
+            self.plan = Plan(total, total - cfg.swa_epochs * self.steps_per_epoch)
         self.out = Path(cfg.out_dir)
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -261,16 +271,20 @@ class Trainer:
         st = ckpt["train_state"]
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(st["optimizer"])
-        self.step, self.swa_start_step, self.epoch = int(st["step"]), st["swa_start_step"], int(st["epoch"])
+        self.step, self.epoch = int(st["step"]), int(st["epoch"])
+        if st.get("plan") is not None:  # the resumed run keeps the schedule it planned, budget or not
+            self.plan = Plan(**st["plan"])
         self.history = list(st["history"])
         self.best_val, self.best_epoch = float(st["best_val"]), int(st["best_epoch"])
         self.best_state = st.get("best_model")
         if st.get("swa") is not None:
             self.swa = SWA(self.model)
             self.swa.load_state_dict(st["swa"])
+        self.timers.update(st.get("timers") or {})
         rng = st["rng"]
         set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
-        self._log(f"resumed from {path}: {self.epoch}/{self.cfg.epochs} epochs done")
+        self.resumed = True
+        self._log(f"resumed from {path}: {self.epoch} epochs, {self.step} steps done")
 
     def _save_last(self) -> None:
         states = [rng_state()]
@@ -282,23 +296,77 @@ class Trainer:
             return
         train_state = {
             "config": _plain(asdict(self.cfg)), "optimizer": self.optimizer.state_dict(), "step": self.step,
-            "swa_start_step": self.swa_start_step, "epoch": self.epoch, "history": self.history,
-            "best_val": self.best_val, "best_epoch": self.best_epoch, "best_model": self.best_state,
-            "swa": self.swa.state_dict() if self.swa is not None else None, "rng": states,
+            "epoch": self.epoch, "plan": self.plan.as_dict() if self.plan is not None else None,
+            "history": self.history, "best_val": self.best_val, "best_epoch": self.best_epoch,
+            "best_model": self.best_state, "swa": self.swa.state_dict() if self.swa is not None else None,
+            "rng": states, "timers": dict(self.timers),
         }
         atomic_torch_save(make_checkpoint("last", self.model.state_dict(), self.meta, epoch=self.epoch,
-                                      train_state=train_state), self.out / "last.pt")
+                                          train_state=train_state), self.out / "last.pt")
+
+    # -- the plan ------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        return self.schedule.lr_at(step, self.plan)
+
+    @property
+    def planned_epochs(self) -> Optional[int]:
+        return None if self.plan is None else math.ceil(self.plan.total_steps / self.steps_per_epoch)
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.started_at
+
+    @torch.no_grad()
+    def _seconds_per_eval_crystal(self) -> float:
+        """Forward time per crystal at the evaluation batch size, measured on validation crystals."""
+        batch = [self.val_ds[i] for i in range(min(len(self.val_ds), self.cfg.eval_batch_size))]
+        bg, _ = self.collate(batch)
+        was = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        self.model(to_device(bg, self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.model.train(was)
+        return (time.perf_counter() - t0) / len(batch)
+
+    def _make_plan(self, seconds_per_step: float) -> None:
+        """With a time budget: the most steps that fit, from the speed measured so far."""
+        cfg = self.cfg
+        per_crystal = self._seconds_per_eval_crystal()
+        per_eval = per_crystal * len(self.val_ds) + 0.05  # + the checkpoint written after each epoch
+        # the end: SWA and best models on val/test, files and plots (a few seconds, measured loosely)
+        final = per_crystal * (len(self.val_ds) + 3 * len(self.test_ds)) + (3.0 if cfg.plots else 0.5)
+        plan = plan_steps(self.budget, self._elapsed(), self.step, seconds_per_step, self.steps_per_epoch, per_eval,
+                          final, cfg.swa_fraction)
+        if self.dist.world > 1:  # every rank must run the same number of steps: rank 0's plan
+            shared = [plan]
+            dist.broadcast_object_list(shared, src=0)
+            plan = shared[0]
+        self.plan = plan
+        self._log(f"time budget {format_duration(self.budget)}: {plan.total_steps} steps ({self.planned_epochs} epochs, "
+                  f"SWA over the last {plan.total_steps - plan.swa_start_step}) at {seconds_per_step:.3g} s/step, "
+                  f"{per_eval:.1f} s per validation; {format_duration(self._elapsed())} spent")
+
+    def _check_budget(self) -> None:
+        """After an epoch: if the run is falling behind its budget (a slower machine than measured,
+        another job), plan again with the speed seen so far."""
+        if self.budget is None or self.resumed or self.plan is None or self.step >= self.plan.total_steps:
+            return
+        steps_left = self.plan.total_steps - self.step
+        per_step = self.timers["train"] / max(1, self.step)
+        per_eval = self.timers["validation"] / max(1, self.epoch)
+        epochs_left = math.ceil(self.plan.total_steps / self.steps_per_epoch) - self.epoch
+        projected = self._elapsed() + steps_left * per_step + epochs_left * per_eval
+        if projected > 1.03 * self.budget:
+            old = self.plan.total_steps
+            swa_fraction = (old - self.plan.swa_start_step) / old
+            self.plan = plan_steps(self.budget, self._elapsed(), self.step, per_step, self.steps_per_epoch, per_eval,
+                                   self.plan.seconds_final or 0.0, swa_fraction)
+            self._log(f"time budget: behind schedule, {old} -> {self.plan.total_steps} steps")
 
     # -- loops --------------------------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
-        t = step if self.swa_start_step is None else min(step, self.swa_start_step)
-        return self.cfg.lr * math.sqrt(self.cfg.lr_T / (self.cfg.lr_T + t))
-
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         cfg = self.cfg
-        if epoch >= self.swa_start_epoch and self.swa_start_step is None:
-            self.swa_start_step = self.step  # lr frozen from here on
-        in_swa = epoch >= self.swa_start_epoch
         self.sampler.set_epoch(epoch)
         gen = torch.Generator()
         gen.manual_seed(cfg.seed + epoch)
@@ -308,13 +376,17 @@ class Trainer:
         self.ddp.train()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+        planned = self.planned_epochs
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{planned or '?'}", unit="batch", leave=False,
                    disable=not (cfg.progress and self.dist.main and sys.stderr.isatty()), mininterval=1.0,
                    file=sys.stderr)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        n_seen = 0
-        t0 = time.perf_counter()
+        n_seen, in_swa = 0, False
+        probe = Probe() if self.plan is None else None
+        t0 = t_step = time.perf_counter()
         for bg, y in loader:
+            if self.plan is not None and self.step >= self.plan.total_steps:
+                break  # a budgeted run may end mid-epoch
             bg = to_device(bg, self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True).reshape(len(y), -1)[:, 0].float()
             yn = self.normalizer.encode(y)
@@ -333,17 +405,28 @@ class Trainer:
                 group["lr"] = lr
             self.optimizer.step()
             self.step += 1
-            if in_swa:
+            if self.plan is not None and self.step > self.plan.swa_start_step:
                 if self.swa is None:
                     self.swa = SWA(self.model)
                 self.swa.update(self.model)
+                in_swa = True
             loss_sum += loss_v * len(y)
             n_seen += len(y)
+            now = time.perf_counter()
+            if probe is not None:
+                probe.add(now - t_step)
+                if probe.counted >= min(20, max(1, self.steps_per_epoch - probe.skip)) or probe.seen == self.steps_per_epoch:
+                    self.timers["train"] += now - t0  # the plan counts the time spent so far
+                    t0 = now
+                    self._make_plan(probe.seconds_per_step or (now - t_step))
+                    probe = None
+            t_step = now
             bar.update(1)
             if bar.n % 5 == 0 or bar.n == self.steps_per_epoch:
                 bar.set_postfix(loss=f"{float(loss_sum) / n_seen:.4f}",
-                                cryst_s=f"{n_seen * self.dist.world / (time.perf_counter() - t0):.0f}")
+                                cryst_s=f"{n_seen * self.dist.world / (now - t0 + 1e-9):.0f}")
         seconds = time.perf_counter() - t0
+        self.timers["train"] += seconds
         bar.close()
         stats = torch.tensor([float(loss_sum), float(n_seen)], dtype=torch.float64)
         if self.dist.world > 1:
@@ -351,7 +434,7 @@ class Trainer:
         train_loss = float(stats[0] / stats[1])
         return {"train_loss": train_loss, "train_mae": train_loss * self.normalizer.std, "lr": self.lr_at(self.step - 1),
                 "train_seconds": seconds, "crystals_per_second": float(stats[1]) / seconds, "swa": in_swa,
-                "n_samples": int(stats[1])}
+                "n_samples": int(stats[1]), "steps": self.step}
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, ds: Dataset) -> Tuple[np.ndarray, np.ndarray]:
@@ -383,6 +466,8 @@ class Trainer:
 
     # -- main ---------------------------------------------------------------------------------
     def fit(self, epoch_callback: Optional[Callable[[int, Dict[str, Any]], Any]] = None) -> Dict[str, Any]:
+        if self.started_at is None:
+            self.started_at = time.perf_counter()
         try:
             return self._fit(epoch_callback)
         finally:
@@ -394,40 +479,46 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self._try_resume()
+        length = (f"time budget {format_duration(self.budget)}" if self.budget is not None and self.plan is None else
+                  f"{self.planned_epochs} epochs ({cfg.swa_epochs if self.budget is None else 'planned'} SWA)")
         self._log(f"{cfg.dataset}/{self.target}: {len(self.train_ds)} train, {len(self.val_ds)} val, "
                   f"{len(self.test_ds)} test crystals; frame {self.frame}, {self.n_params:,} parameters, "
-                  f"{cfg.epochs} epochs ({cfg.swa_epochs} SWA) of {self.steps_per_epoch} steps, device {self.device} "
-                  f"(backend {self.backend})"
-                  + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
-        while self.epoch < cfg.epochs:
+                  f"{length} of {self.steps_per_epoch} steps, {cfg.schedule} schedule, device {self.device} "
+                  f"(backend {self.backend})" + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
+        while self.plan is None or self.step < self.plan.total_steps:
             epoch = self.epoch
             t0 = time.perf_counter()
             metrics = self._train_epoch(epoch)
+            t_val = time.perf_counter()
             val_mae = self.evaluate(self.model, self.val_ds)
+            self.timers["validation"] += time.perf_counter() - t_val
             self.epoch = epoch + 1
             improved = val_mae < self.best_val
+            t_ck = time.perf_counter()
             if improved:
                 self.best_val, self.best_epoch = val_mae, self.epoch
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 if self.dist.main:
-                    atomic_torch_save(make_checkpoint("best", self.best_state, self.meta, epoch=self.epoch, val_mae=val_mae),
-                                      self.out / "best.pt")
+                    atomic_torch_save(make_checkpoint("best", self.best_state, self.meta, epoch=self.epoch,
+                                                      val_mae=val_mae), self.out / "best.pt")
             metrics.update(epoch=self.epoch, val_mae=val_mae, best_val_mae=self.best_val,
                            seconds=time.perf_counter() - t0)
             self.history.append(metrics)
             self._save_last()
             if self.dist.main:
                 self._write_log()
-            self._log(f"epoch {self.epoch}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+            self.timers["checkpoints"] += time.perf_counter() - t_ck
+            self._log(f"epoch {self.epoch}/{self.planned_epochs}  loss {metrics['train_loss']:.4f}  "
                       f"train MAE {metrics['train_mae']:.4g}  val MAE {val_mae:.4g} {self.unit}  "
                       f"lr {metrics['lr']:.2e}  {metrics['crystals_per_second']:.0f} cryst/s  "
                       f"{metrics['seconds']:.1f} s" + ("  SWA" if metrics["swa"] else "") + ("  *best" if improved else ""))
             if epoch_callback is not None:
                 epoch_callback(self.epoch, dict(metrics))
+            self._check_budget()
         return self._finish()
 
     def _write_log(self) -> None:
-        keys = ["epoch", "train_loss", "train_mae", "val_mae", "best_val_mae", "lr", "swa", "train_seconds",
+        keys = ["epoch", "steps", "train_loss", "train_mae", "val_mae", "best_val_mae", "lr", "swa", "train_seconds",
                 "seconds", "crystals_per_second"]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
@@ -438,44 +529,58 @@ class Trainer:
 
     def _finish(self) -> Dict[str, Any]:
         cfg = self.cfg
-        final = self.swa.module if self.swa is not None and self.swa.n_averaged > 0 else self.model
-        kind = "swa" if final is not self.model else "final"
-        val_mae = self.evaluate(final, self.val_ds)
-        t0 = time.perf_counter()
-        test_pred, test_true = self.predict(final, self.test_ds)
-        latency = (time.perf_counter() - t0) / max(1, len(self.test_ds))
-        test_mae = float(np.mean(np.abs(test_pred - test_true)))
-        best_test = None
+        t_final = time.perf_counter()
+        models: Dict[str, Dict[str, Any]] = {}
+        candidates = {"final": (self.model, self.epoch)}
+        if self.swa is not None and self.swa.n_averaged > 0:
+            candidates["swa"] = (self.swa.module, self.epoch)
         if self.best_state is not None:
             best_model = build_model(self.meta["model_config"]).to(self.device)
             best_model.load_state_dict(self.best_state)
-            best_test = self.evaluate(best_model, self.test_ds)
+            candidates["best"] = (best_model, self.best_epoch)
+        # the model the schedule promises; the others are reported beside it
+        reported = cfg.reported_model if cfg.reported_model in candidates else "swa" if "swa" in candidates else "final"
+        predictions = {}
+        for name, (model, epoch) in candidates.items():
+            t0 = time.perf_counter()
+            test_pred, test_true = self.predict(model, self.test_ds)
+            latency = (time.perf_counter() - t0) / max(1, len(self.test_ds))
+            val_mae = self.best_val if name == "best" else self.evaluate(model, self.val_ds)
+            models[name] = {"val_mae": val_mae, "test_mae": float(np.mean(np.abs(test_pred - test_true))), "epoch": epoch}
+            predictions[name] = (test_pred, test_true, latency)
+        test_pred, test_true, latency = predictions[reported]
+        final_model = candidates[reported][0]
         train_ids = set(_ids(self.train_ds))
-        y_train_mean = self.normalizer.mean
-        seconds = sum(h["seconds"] for h in self.history)
-        train_seconds = sum(h["train_seconds"] for h in self.history)
-        samples = sum(h["n_samples"] for h in self.history)
+        first = self.history[0] if self.history else {}
+        steady = self.history[1:] if len(self.history) > 1 else self.history
+        steady_seconds = sum(h["train_seconds"] for h in steady)
         result = {
             "dataset": cfg.dataset, "target": self.target, "unit": self.unit, "frame": self.frame,
             "preset": cfg.preset, "model_preset": cfg.model_preset, "sample_size_run": cfg.dataset == "megnet_sample",
             "n_train": len(self.train_ds), "n_val": len(self.val_ds), "n_test": len(self.test_ds),
             "split": self.info.get("split"),
-            "test_mae": test_mae, "val_mae": val_mae, "reported_model": kind,
-            "best_val_mae": self.best_val, "best_epoch": self.best_epoch, "best_test_mae": best_test,
-            "test_mae_of_train_mean": float(np.mean(np.abs(test_true - y_train_mean))),
-            "params": self.n_params, "epochs": cfg.epochs, "swa_epochs": cfg.swa_epochs, "steps": self.step,
-            "batch_size": cfg.batch_size, "train_seconds": seconds, "seconds_per_epoch": seconds / max(1, len(self.history)),
-            "crystals_per_second": samples / train_seconds if train_seconds > 0 else None,
+            "reported_model": reported, "test_mae": models[reported]["test_mae"], "val_mae": models[reported]["val_mae"],
+            "models": models, "best_val_mae": self.best_val, "best_epoch": self.best_epoch,
+            "best_test_mae": models.get("best", {}).get("test_mae"),
+            "test_mae_of_train_mean": float(np.mean(np.abs(test_true - self.normalizer.mean))),
+            "params": self.n_params, "schedule": cfg.schedule, "epochs": self.epoch, "steps": self.step,
+            "swa_steps": self.swa.n_averaged if self.swa is not None else 0, "batch_size": cfg.batch_size,
+            "plan": self.plan.as_dict() if self.plan is not None else None, "time_budget_seconds": self.budget,
+            "train_seconds": self.timers["train"],
+            "seconds_per_epoch": sum(h["seconds"] for h in self.history) / max(1, len(self.history)),
+            # steady state: the first epoch (compilation, caches, warm-up) apart
+            "crystals_per_second": (sum(h["n_samples"] for h in steady) / steady_seconds) if steady_seconds > 0 else None,
+            "crystals_per_second_first_epoch": first.get("crystals_per_second"),
             "latency_ms_per_crystal": 1000.0 * latency,
-            "device": str(self.device), "backend": self.backend, "threads": torch.get_num_threads(), "world_size": self.dist.world,
-            "seed": cfg.seed, "normalizer": self.normalizer.as_dict(), "cutoff": self.cutoff,
-            "out_dir": str(self.out), "checkpoint": str(self.out / "swa.pt"),
+            "device": str(self.device), "backend": self.backend, "threads": torch.get_num_threads(),
+            "world_size": self.dist.world, "seed": cfg.seed, "normalizer": self.normalizer.as_dict(),
+            "cutoff": self.cutoff, "out_dir": str(self.out), "checkpoint": str(self.out / "swa.pt"),
             "train_test_overlap": len(train_ids & set(_ids(self.test_ds))),
             "config": _plain(asdict(cfg)),
         }
         if self.dist.main:
-            atomic_torch_save(make_checkpoint(kind, final.state_dict(), self.meta, epoch=self.epoch, val_mae=val_mae),
-                              self.out / "swa.pt")
+            atomic_torch_save(make_checkpoint(reported, final_model.state_dict(), self.meta, epoch=self.epoch,
+                                              val_mae=models[reported]["val_mae"]), self.out / "swa.pt")
             split_ids = {"split": self.info.get("split"), "train": _ids(self.train_ds), "val": _ids(self.val_ds),
                          "test": _ids(self.test_ds)}
             atomic_write_text(self.out / "split_ids.json", json.dumps(split_ids) + "\n")
@@ -490,9 +595,13 @@ class Trainer:
                                 title=f"{cfg.dataset} {self.target}, frame {self.frame}")
                 except Exception as exc:  # plots are a convenience; never lose a run over them
                     self._log(f"warning: plots not written ({exc})")
+        self.timers["final"] = time.perf_counter() - t_final
+        result["seconds"] = {**{k: round(v, 3) for k, v in self.timers.items()}, "total": round(self._elapsed(), 3)}
+        if self.dist.main:
             atomic_write_text(self.out / "results.json", json.dumps(result, indent=2) + "\n")
-            self._log(f"test MAE {test_mae:.4g} {self.unit} ({kind} model; best-val model {best_test if best_test is None else f'{best_test:.4g}'}); "
-                      f"results in {self.out / 'results.json'}")
+            others = ", ".join(f"{k} {v['test_mae']:.4g}" for k, v in models.items() if k != reported)
+            self._log(f"test MAE {result['test_mae']:.4g} {self.unit} ({reported} model; {others}); "
+                      f"{format_duration(self._elapsed())} in all; results in {self.out / 'results.json'}")
         self.result = result
         return result
 
@@ -507,15 +616,18 @@ def _plain(obj: Any) -> Any:
 
 
 def train_and_evaluate(cfg: TrainConfig, epoch_callback: Optional[Callable[[int, Dict[str, Any]], Any]] = None,
-                       data: Any = None) -> Dict[str, Any]:
-    """Train with the docs/METHOD.md 5 recipe, evaluate the SWA model on the test split, return the results.
+                       data: Any = None, started_at: Optional[float] = None) -> Dict[str, Any]:
+    """Train, evaluate the reported model (SWA or best-validation, see ``reported_model``) on the
+    test split, return the results.
 
     ``epoch_callback(epoch, metrics)`` runs after every epoch (after its checkpoint is written) with
     ``metrics`` holding at least ``val_mae``, ``train_loss``, ``train_mae``, ``lr``, ``seconds``;
     whatever it raises propagates (hpo uses that to prune).  ``data`` may be a preloaded
-    ``DatasetSplits`` (the same split for several runs).  A non-finite loss raises FloatingPointError.
+    ``DatasetSplits`` (the same split for several runs); ``started_at`` (``time.perf_counter()``)
+    is when a time budget started counting, if before this call (e.g. before loading that data).
+    A non-finite loss raises FloatingPointError.
     """
-    return Trainer(cfg, data=data).fit(epoch_callback)
+    return Trainer(cfg, data=data, started_at=started_at).fit(epoch_callback)
 
 
 __all__ = ["SWA", "Trainer", "load_splits", "train_and_evaluate", "weight_decay_groups"]

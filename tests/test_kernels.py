@@ -44,7 +44,7 @@ def test_aggregations_match_the_exact_bases(backend, monkeypatch):
         assert (gw_f - gw_e).abs().max() < 1e-5 * gw_e.abs().max()
         assert (gW_f - gW_e).abs().max() < 1e-5 * gW_e.abs().max()
     dist_basis = B.gaussian_distance_basis(g.edata["rvec"].norm(dim=-1))
-    fast = _DistAggregate.apply(topo, dist_basis, w)
+    fast = _DistAggregate.apply(topo, topo.pad(dist_basis), w)
     exact = torch.zeros(N, H, dist_basis.shape[1]).index_add(0, dst, w[:, :, None] * dist_basis[:, None, :])
     assert torch.allclose(fast, exact, atol=1e-5)
     gf, ge = (torch.autograd.grad((t * t).sum(), w)[0] for t in (fast, exact))
@@ -69,3 +69,43 @@ def test_numba_and_torch_kernels_give_the_same_model(monkeypatch):
     (a, ga), (b, gb) = results
     assert (a - b).abs().max() < 1e-5 * a.abs().max()
     assert (ga - gb).abs().max() < 1e-4 * ga.abs().max()
+
+
+@pytest.mark.parametrize("frame", ["max", "static_local", "weighted_pca"])
+def test_numba_and_torch_frames_agree(frame, monkeypatch):
+    """The fused CPU frame kernel picks the same axes and flags the same ties as the torch
+    operations (GPU, or no numba), on real, symmetric (tied), degenerate and hard crystals, with
+    the edges in the graph's order and shuffled."""
+    from dgl_crystalframer import kernels, nn
+    from dgl_crystalframer.frames import compute_frames
+    from dgl_crystalframer.nn import CrystalFramerConv
+
+    from crystals import DEGENERATE, HARD, STRUCTURES, nacl
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    calls = []
+    monkeypatch.setattr(nn, "compute_frames", lambda *args: calls.append(args) or compute_frames(*args))
+    graphs = [build_graph(s) for s in STRUCTURES + [nacl()] + list(DEGENERATE.values()) + HARD]
+    for bg in (dgl.batch(graphs), _shuffled(dgl.batch(graphs))):
+        torch.manual_seed(0)
+        conv = CrystalFramerConv(32, 4, frame=frame)
+        conv.train()
+        conv(bg, torch.randn(bg.num_nodes(), 32))
+        args = calls[-1]  # (kind, topology, rhat, candidate, logits, weights, distance logits) of that layer
+        monkeypatch.setattr(kernels, "BACKEND", "numba")
+        f_numba, tied_numba = compute_frames(*args)
+        monkeypatch.setattr(kernels, "BACKEND", "torch")
+        f_torch, tied_torch = compute_frames(*args)
+        assert (f_numba - f_torch).abs().max() < 1e-5
+        assert torch.equal(tied_numba, tied_torch) and tied_numba.any()
+
+
+def _shuffled(g, seed=0):
+    perm = torch.randperm(g.num_edges(), generator=torch.Generator().manual_seed(seed))
+    src, dst = g.edges()
+    out = dgl.graph((src[perm], dst[perm]), num_nodes=g.num_nodes())
+    out.ndata.update(g.ndata)
+    out.edata.update({k: v[perm] for k, v in g.edata.items()})
+    out.set_batch_num_nodes(g.batch_num_nodes())
+    return out

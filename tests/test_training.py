@@ -21,6 +21,7 @@ import torch
 from dgl_crystalframer.checkpoint import load_checkpoint
 from dgl_crystalframer.config import TrainConfig
 from dgl_crystalframer.errors import ConfigError
+from dgl_crystalframer.schedule import Plan
 from dgl_crystalframer.training import SWA, Trainer, train_and_evaluate, weight_decay_groups
 
 from datasets import TINY, tiny_config, write_small_dataset
@@ -50,10 +51,10 @@ def test_weight_decay_only_on_weights():
 
 
 def test_lr_schedule_and_swa_average():
-    t = Trainer(TrainConfig(epochs=10, swa_epochs=2))
+    t = Trainer(TrainConfig(epochs=10, swa_epochs=2, schedule="paper"))
     assert t.lr_at(0) == pytest.approx(5e-4)
     assert t.lr_at(4000) == pytest.approx(5e-4 * math.sqrt(0.5))
-    t.swa_start_step = 100  # lr frozen once SWA starts
+    t.plan = Plan(total_steps=10000, swa_start_step=100)  # lr frozen once SWA starts
     assert t.lr_at(5000) == t.lr_at(100) == pytest.approx(5e-4 * math.sqrt(4000 / 4100))
 
     lin = torch.nn.Linear(2, 1)
@@ -224,3 +225,36 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(small_data, tmp_path
     for k in a:
         assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-6, atol=1e-7), k
     assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 5
+
+
+# --------------------------------------------------------------------------------- a time budget
+
+
+def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(small_data, tmp_path):
+    """A budgeted run measures its speed, plans its steps (cosine to zero, SWA over the last part)
+    and reports where the time went; interrupted and resumed, it finishes the same plan."""
+    out = tmp_path / "budget"
+    cfg = tiny_config(small_data, out, time_budget="25s", swa_fraction=0.25)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(epoch, metrics):
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_and_evaluate(cfg, epoch_callback=stop_after_two)
+    stored = torch.load(out / "last.pt", weights_only=True)["train_state"]["plan"]
+    assert stored["budget_seconds"] == 25.0 and stored["planned_at_step"] > 0
+    assert stored["swa_start_step"] == stored["total_steps"] - round(0.25 * stored["total_steps"])
+
+    res = train_and_evaluate(cfg.with_overrides(resume=True))
+    assert res["plan"] == stored and res["steps"] == stored["total_steps"]
+    assert res["epochs"] == math.ceil(stored["total_steps"] / 5)  # 40 crystals at batch 8: 5 steps an epoch
+    assert res["swa_steps"] == stored["total_steps"] - stored["swa_start_step"]
+    assert res["schedule"] == "cosine" and res["reported_model"] == "swa" and res["time_budget_seconds"] == 25.0
+    assert set(res["models"]) == {"swa", "best", "final"} and res["test_mae"] == res["models"]["swa"]["test_mae"]
+    assert {"data", "train", "validation", "checkpoints", "final", "total"} <= set(res["seconds"])
+    lr_last = [float(line.split(",")[6]) for line in (out / "log.csv").read_text().splitlines()[1:]][-1]
+    assert lr_last < 0.05 * 5e-4  # annealed to (near) zero by the planned end

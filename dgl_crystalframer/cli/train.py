@@ -18,10 +18,12 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ..config import BACKENDS, FRAME_TYPES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
+from ..config import BACKENDS, FRAME_TYPES, SCHEDULES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
+from ..errors import ConfigError
 
 FRAME_LABELS = {"none": "Crystalformer (no frames)", "max": "max frames", "weighted_pca": "weighted PCA frames",
                 "static_local": "static local frames", "pca": "PCA frames", "lattice": "lattice frames"}
@@ -43,8 +45,21 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
     p.add_argument("--preset", choices=tuple(TRAIN_PRESETS),
                    help="smoke (seconds), quick (minutes), paper (the paper's epochs and batch sizes, "
                         "docs/METHOD.md 5) [default: quick]")
+    p.add_argument("--time-budget", dest="time_budget", metavar="DURATION",
+                   help="train for this long, all included (data, graphs, evaluation), e.g. 10m, 2h: the run measures "
+                        "its speed, plans the steps that fit and anneals the learning rate to zero by the end")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning rate: paper (lr0 sqrt(T/(T+t)), docs/METHOD.md 5) or cosine (annealed to zero) "
+                        "[default: the preset's: cosine for smoke/quick, paper for paper]")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--swa-epochs", type=int, dest="swa_epochs",
+                   help="average the weights of the last N epochs (the reported SWA model) [default: the preset's]")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train N times (seeds SEED, SEED+1, ...) on the same split and report the mean and standard "
+                        "deviation of the test MAE [default: 1]")
     p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float, help="peak learning rate [default: 5e-4]")
+    p.add_argument("--unit", help="the target's unit, for your own data (e.g. eV)")
     p.add_argument("--max-train", type=int, dest="max_train", help="train on a random subset of this many crystals")
     p.add_argument("--device", help="auto, cpu or cuda[:N] [default: auto]")
     p.add_argument("--backend", choices=BACKENDS,
@@ -61,8 +76,8 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
     return p
 
 
-FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "epochs", "batch_size", "max_train", "device", "backend",
-             "threads", "data_dir", "cache_dir", "out_dir", "resume", "seed")
+FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "time_budget", "schedule", "epochs", "swa_epochs", "batch_size",
+             "lr", "unit", "max_train", "device", "backend", "threads", "data_dir", "cache_dir", "out_dir", "resume", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -80,27 +95,54 @@ def _is_main_rank() -> bool:
 
 
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Train the configured run (every frame type for ``--frame all``) and return the results."""
+    """Train the configured runs (every frame type for ``--frame all``, ``--seeds`` seeds of each)
+    and return their results."""
     from ..training import load_splits, train_and_evaluate  # torch and DGL load here, not for --help
 
+    started = time.perf_counter()  # a time budget counts the data loading of the first run
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1 (got {args.seeds})")
     base = config_from_args(args)
     frames = list(FRAME_TYPES) if args.frame == "all" else [None]
     configs: List[TrainConfig] = []
     for frame in frames:
         cfg = base if frame is None else base.with_overrides(frame=frame)
+        out = cfg.out_dir or default_out_dir(cfg.dataset, cfg.resolved().target, cfg.model_config().frame)
         if frame is not None and base.out_dir:  # --out DIR with --frame all: DIR/<frame>
-            cfg = cfg.with_overrides(out_dir=os.path.join(base.out_dir, frame))
-        configs.append(cfg.resolved())
+            out = os.path.join(base.out_dir, frame)
+        for k in range(args.seeds):  # several seeds: OUT/seed-<seed>
+            seed = base.seed + k
+            configs.append(cfg.with_overrides(seed=seed, out_dir=os.path.join(out, f"seed-{seed}") if args.seeds > 1
+                                              else out).resolved())
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # once, before training, so that missing data fails fast (under torchrun the trainer loads it)
     data = None if distributed else load_splits(configs[0], configs[0].progress)
-    results = [train_and_evaluate(cfg, data=data) for cfg in configs]
-    if args.frame == "all" and _is_main_rank():
-        summary_dir = Path(base.out_dir or default_out_dir(configs[0].dataset, configs[0].target, "all"))
+    results = []
+    for k, cfg in enumerate(configs):
+        results.append(train_and_evaluate(cfg, data=data, started_at=started if k == 0 else None))
+    if (args.frame == "all" or args.seeds > 1) and _is_main_rank():
+        summary_dir = Path(base.out_dir or default_out_dir(configs[0].dataset, configs[0].target,
+                                                           "all" if args.frame == "all" else configs[0].frame))
         summary_dir.mkdir(parents=True, exist_ok=True)
-        (summary_dir / "ablation.json").write_text(json.dumps(
-            [{k: v for k, v in r.items() if k != "config"} for r in results], indent=2) + "\n")
+        summary = {"runs": [{k: v for k, v in r.items() if k != "config"} for r in results],
+                   "test_mae": {frame: stats(group) for frame, group in by_frame(results).items()}}
+        (summary_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return results
+
+
+def by_frame(results: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["frame"], []).append(r)
+    return groups
+
+
+def stats(group: Sequence[Dict[str, Any]], key: str = "test_mae") -> Dict[str, Any]:
+    """Mean and sample standard deviation of ``key`` over runs (seeds)."""
+    values = [float(r[key]) for r in group]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "std": std, "n": len(values), "values": values, "seeds": [r.get("seed") for r in group]}
 
 
 def fmt(x: Any, digits: int = 4) -> str:
@@ -118,19 +160,33 @@ def table(header: Sequence[str], body: Sequence[Sequence[str]]) -> List[str]:
     return [line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in body]
 
 
-def result_row(name: str, r: Dict[str, Any], published: str = "-") -> List[str]:
-    return [name, published, fmt(r["test_mae"]), fmt(r["val_mae"]), f"{r['params']:,}", str(r["epochs"]),
-            f"{r['train_seconds']:.0f}"]
+def mean_std(group: Sequence[Dict[str, Any]], key: str) -> str:
+    s = stats(group, key)
+    return fmt(s["mean"]) if s["n"] == 1 else f"{fmt(s['mean'])} ± {fmt(s['std'], 2)} ({s['n']} seeds)"
 
 
-RESULT_HEADER = ("model", "published", "this run", "val MAE", "params", "epochs", "train s")
+def result_row(name: str, group: Sequence[Dict[str, Any]], published: str = "-") -> List[str]:
+    """A table row for the runs (seeds) of one model: test and val MAE as mean ± std over seeds."""
+    r = group[0]
+    seconds = sum(g["seconds"]["total"] if isinstance(g.get("seconds"), dict) else g["train_seconds"]
+                  for g in group) / len(group)
+    return [name, published, mean_std(group, "test_mae"), mean_std(group, "val_mae"), f"{r['params']:,}",
+            str(r["epochs"]), f"{seconds:.0f}"]
+
+
+RESULT_HEADER = ("model", "published", "this run", "val MAE", "params", "epochs", "wall s")
 
 
 def run_lines(results: Sequence[Dict[str, Any]]) -> List[str]:
-    return [f"frame {r['frame']}: preset {r.get('preset')}, {r['n_train']:,}/{r['n_val']:,}/{r['n_test']:,} "
-            f"train/val/test ({r.get('split')}), {r.get('crystals_per_second') or 0:.0f} crystals/s training, "
-            f"{r.get('latency_ms_per_crystal') or 0:.3g} ms/crystal inference, results in {r.get('out_dir')}"
-            for r in results]
+    lines = []
+    for frame, group in by_frame(results).items():
+        r = group[0]
+        where = r.get("out_dir") if len(group) == 1 else str(Path(r["out_dir"]).parent)
+        lines.append(f"frame {frame}: preset {r.get('preset')}, {r.get('schedule')} schedule, "
+                     f"{r['n_train']:,}/{r['n_val']:,}/{r['n_test']:,} train/val/test ({r.get('split')}), reported "
+                     f"model {r.get('reported_model')}, {r.get('crystals_per_second') or 0:.0f} crystals/s training, "
+                     f"{r.get('latency_ms_per_crystal') or 0:.3g} ms/crystal inference, results in {where}")
+    return lines
 
 
 def format_results(results: Sequence[Dict[str, Any]]) -> str:
@@ -138,7 +194,7 @@ def format_results(results: Sequence[Dict[str, Any]]) -> str:
     first = results[0]
     unit = first.get("unit") or ""
     lines = [f"Test MAE, {first['dataset']} / {first['target']}" + (f" ({unit})" if unit else "")]
-    body = [result_row(FRAME_LABELS.get(r["frame"], r["frame"]), r) for r in results]
+    body = [result_row(FRAME_LABELS.get(frame, frame), group) for frame, group in by_frame(results).items()]
     body.append(["(predicting the train mean)", "-", fmt(first.get("test_mae_of_train_mean")), "", "", "", ""])
     return "\n".join(lines + table(RESULT_HEADER, body) + run_lines(results))
 

@@ -95,6 +95,8 @@ def sweep_parser(prog: str = "dgl-crystalframer hpo") -> argparse.ArgumentParser
     g.add_argument("--preset", default="quick", choices=tuple(TRAIN_PRESETS),
                    help="TrainConfig.preset (default: quick)")
     g.add_argument("--epochs", type=_positive_int, help="TrainConfig.epochs (default: the preset's)")
+    g.add_argument("--time-budget", dest="time_budget", metavar="DURATION",
+                   help="train each trial for this long (e.g. 5m), all included; replaces --epochs")
     g.add_argument("--device", help="TrainConfig.device (default: auto)")
     g.add_argument("--seed", type=int, help="TrainConfig.seed (default: 123)")
     g.add_argument("--set", dest="fixed", action="append", type=_key_value, default=[],
@@ -182,7 +184,7 @@ def main_sweep(argv: list[str], prog: str = "dgl-crystalframer hpo") -> int:
         if getattr(args, flag) is not None:
             specs[name] = getattr(args, flag)
     space = space_mod.narrow(space_mod.SPACE, specs)
-    for key in ("epochs", "device", "seed"):
+    for key in ("epochs", "time_budget", "device", "seed"):
         if getattr(args, key) is not None:
             fixed[key] = getattr(args, key)
     fixed.update(dict(args.fixed))
