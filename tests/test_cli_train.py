@@ -119,3 +119,22 @@ def test_dft_3d_2021_path_with_the_shared_sample(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["target"] == "formation_energy_peratom"
     assert "JARVIS-DFT 3D 2021" in proc.stdout and "+ static local frames" in proc.stdout
+
+
+def test_seeds_report_mean_and_spread_on_one_split(small_data, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    rc = jarvis.main(["--dataset", str(small_data), "--target", "e_form", "--frame", "max", "--preset", "smoke",
+                      "--epochs", "2", "--seeds", "3", "--seed", "5", "--unit", "eV/atom", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert rc == 0
+    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (5, 6, 7)]
+    assert [r["seed"] for r in runs] == [5, 6, 7] and len({r["test_mae"] for r in runs}) == 3
+    assert len({tuple(json.loads((out / f"seed-{s}" / "split_ids.json").read_text())["test"]) for s in (5, 6, 7)}) == 1
+    summary = json.loads((out / "summary.json").read_text())["max"]
+    maes = [r["test_mae"] for r in runs]
+    mean = sum(maes) / 3
+    assert summary["n"] == 3 and summary["mean"] == pytest.approx(mean)
+    assert summary["std"] == pytest.approx((sum((m - mean) ** 2 for m in maes) / 2) ** 0.5)
+    table = capsys.readouterr().out
+    assert f"{mean:.4g} ± " in table and "(3 seeds)" in table and "(eV/atom)" in table
+    assert all(r["unit"] == "eV/atom" for r in runs)

@@ -124,8 +124,10 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         summary_dir = Path(base.out_dir or default_out_dir(configs[0].dataset, configs[0].target,
                                                            "all" if args.frame == "all" else configs[0].frame))
         summary_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"runs": [{k: v for k, v in r.items() if k != "config"} for r in results],
-                   "test_mae": {frame: stats(group) for frame, group in by_frame(results).items()}}
+        runs = [{k: v for k, v in r.items() if k != "config"} for r in results]
+        if args.frame == "all":
+            (summary_dir / "ablation.json").write_text(json.dumps(runs, indent=2) + "\n")
+        summary = {frame: stats(group) for frame, group in by_frame(results).items()}  # test MAE over seeds
         (summary_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return results
 
