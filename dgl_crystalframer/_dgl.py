@@ -21,11 +21,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "from https://www.dgl.ai/pages/start.html): " + str(exc)
     ) from exc
 
-import dgl.function as dglfn  # noqa: E402
 import dgl.ops as dglops  # noqa: E402
 from dgl.nn.functional import edge_softmax  # noqa: E402
-
-GRAPHBOLT_PLACEHOLDER = _graphbolt.placeholder_active()
 
 CUDA_HELP = (
     "Two ways to run on an NVIDIA GPU: (a) any CUDA build of torch with DGL from PyPI (CPU-only): "
@@ -36,4 +33,4 @@ CUDA_HELP = (
     "(see https://www.dgl.ai/pages/start.html). Or run with --device cpu."
 )
 
-__all__ = ["dgl", "dglfn", "dglops", "edge_softmax", "CUDA_HELP", "GRAPHBOLT_PLACEHOLDER"]
+__all__ = ["dgl", "dglops", "edge_softmax", "CUDA_HELP"]

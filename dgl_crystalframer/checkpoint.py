@@ -39,7 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Load any checkpoint this module writes (best.pt, swa.pt, last.pt) -> (model in eval mode, meta).
+    """Load any checkpoint this module writes (model.pt, best.pt, swa.pt, last.pt) -> (model in eval mode, meta).
 
     ``meta`` holds ``target``, ``unit``, ``normalizer`` ({"mean", "std"}: prediction in original
     units = model(bg) * std + mean), ``cutoff`` (the graph cutoff the model was trained with),

@@ -8,6 +8,7 @@ that builds the model and is stored in every checkpoint.
 """
 import dataclasses
 import difflib
+import re
 import os
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass, replace
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError
+from .schedule import SCHEDULES, parse_duration
 
 FRAME_TYPES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
 BACKENDS = ("auto", "dgl", "torch")
@@ -91,13 +93,12 @@ TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(epochs=10, batch_size=64, swa_epochs=2, schedule="cosine"),
     "paper": dict(schedule="paper"),
 }
-SCHEDULES = ("paper", "cosine")  # schedule.py
 REPORTED_MODELS = ("swa", "best", "final")
-JARVIS_DATASETS = ("dft_3d_2021", "dft_3d")
+JARVIS_DATASETS = ("dft_3d_2021",)
 DEFAULT_DATASET = "megnet_sample"
 # Fields that may differ between an interrupted run and its resumption.
 RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "progress", "plots", "data_dir",
-                  "cache_dir")
+                  "cache_dir", "reported_model")
 
 
 def paper_schedule(dataset: str, target: Optional[str], frame: Optional[str]) -> Dict[str, int]:
@@ -141,7 +142,7 @@ class _RunSettings:
     swa_epochs: Optional[int] = None  # None: min(50, 10% of epochs)
     swa_fraction: float = 0.2  # with a time budget: the part of the planned steps whose weights are averaged
     warmup_steps: int = 0  # cosine schedule: linear warm-up steps
-    reported_model: Optional[str] = None  # swa | best | final; None: swa when weights were averaged, else final
+    reported_model: Optional[str] = None  # swa | best | final; None: swa for the paper schedule, else best
     seed: int = 123
     # runtime
     device: str = "auto"
@@ -202,6 +203,8 @@ class _RunSettings:
             c.target = default_target(c.dataset)
         if c.frame is None and c.model_preset is None:
             c.frame = ModelConfig.frame  # the default model, stated
+        if c.time_budget is not None and c.schedule is None:
+            c.schedule = "cosine"  # a budget anneals to zero by its planned end, whatever the preset
         preset = dict(TRAIN_PRESETS[c.preset])
         if c.preset == "paper":
             preset.update(paper_schedule(c.dataset, c.target, self.model_config().frame))
@@ -210,6 +213,8 @@ class _RunSettings:
                 setattr(c, k, v)
         if c.eval_batch_size is None:
             c.eval_batch_size = max(c.batch_size, 64)
+        if c.reported_model is None:  # what each schedule promises (the other models are reported too)
+            c.reported_model = "swa" if c.schedule == "paper" else "best"
         if c.swa_epochs is None:
             c.swa_epochs = max(1, min(50, int(round(0.1 * c.epochs)))) if c.epochs >= 2 else 0
         if c.out_dir is None:
@@ -249,9 +254,11 @@ class _RunSettings:
         if not 0.0 <= self.swa_fraction < 1.0 or self.warmup_steps < 0:
             raise ConfigError("swa_fraction must be in [0, 1) and warmup_steps >= 0")
         if self.time_budget is not None:
-            from .schedule import parse_duration  # raises ConfigError on a bad duration
-
-            parse_duration(self.time_budget)
+            parse_duration(self.time_budget)  # raises ConfigError on a bad duration
+        if self.cutoff is not None and not self.cutoff > 0:
+            raise ConfigError(f"cutoff must be > 0 Angstrom (got {self.cutoff})")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device).strip().lower()):
+            raise ConfigError(f"unknown device {self.device!r}: use auto, cpu or cuda[:N]")
 
 
 # TrainConfig = the run settings + every ModelConfig field (None = from model_preset / defaults).
@@ -327,5 +334,5 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
-__all__ = ["BACKENDS", "ConfigError", "FRAME_TYPES", "MODEL_FIELDS", "MODEL_PRESETS", "ModelConfig", "RUNTIME_FIELDS",
+__all__ = ["BACKENDS", "ConfigError", "FRAME_TYPES", "SCHEDULES", "MODEL_FIELDS", "MODEL_PRESETS", "ModelConfig", "RUNTIME_FIELDS",
            "TRAIN_PRESETS", "TrainConfig", "default_out_dir", "model_config", "paper_schedule", "read_config_file"]

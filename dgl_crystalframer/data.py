@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .basis import default_cutoff
-from .batch import collate  # noqa: F401  (the collate function of these datasets)
 from .errors import DataError
 from .graph_cache import build_graphs, cache_for
 from .sources import SPLITS, Entry, Source, open_source
@@ -201,4 +200,4 @@ def _maybe_log10(src: Source, key: str, usable: List[Tuple[Entry, float]]) -> Op
     return None
 
 
-__all__ = ["CrystalGraphDataset", "DatasetSplits", "collate", "load_dataset"]
+__all__ = ["CrystalGraphDataset", "DatasetSplits", "load_dataset"]

@@ -18,4 +18,12 @@ class DataError(UserError):
     """A dataset that cannot be used as asked (no such target, a missing column, an empty split...)."""
 
 
-__all__ = ["ConfigError", "DataError", "StructureError", "UserError"]
+class DeviceError(UserError, RuntimeError):
+    """A device or sparse backend this installation cannot use (no GPU, no CUDA build of DGL...)."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss or the gradient became NaN or infinite (a learning rate too high, bad targets)."""
+
+
+__all__ = ["ConfigError", "DataError", "DeviceError", "StructureError", "TrainingDiverged", "UserError"]

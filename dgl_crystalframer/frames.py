@@ -4,7 +4,7 @@ Every frame function returns ``(frames, tied)``: frames ``[N, H, 3, 3]`` whose r
 ``F[i, h, k]`` are the axes e_k, and tied ``[N, H]`` (see the end of this docstring).  Frames carry
 no gradient (they select a coordinate system; gradients still reach sigma and the projections
 through the basis values).  Inputs are per-edge tensors of the periodic
-multigraph (edge j -> i for every image): ``logits`` / ``weights`` ``[E, H]``, ``rvec`` ``[E, 3]``.
+multigraph (edge j -> i for every image): ``logits`` / ``weights`` ``[E, H]``, ``rhat`` ``[E, 3]``.
 
 Frame types:
 
@@ -51,7 +51,8 @@ import torch
 from . import kernels as K
 from . import sparse as S
 from .basis import CANDIDATE_MIN_D2, TIE_TOL  # noqa: F401  (CANDIDATE_MIN_D2: part of this module's API)
-from .config import FRAME_TYPES, ConfigError
+from .config import FRAME_TYPES
+from .errors import ConfigError
 from .lattice import lattice_axes, normalize
 
 # Axes whose angular features the layer symmetrises over c -> -c where ``tied`` is set (module

@@ -21,8 +21,8 @@ import torch
 from ._dgl import dgl
 from .basis import default_cutoff
 from .lattice import lattice_axes, lll_reduce, primitive_lattice
-from .structures import (NUM_SPECIES, MIN_DISTANCE, CrystalArrays, StructureError, entry_label, structure_to_arrays,
-                         validate_arrays)
+from .errors import StructureError
+from .structures import NUM_SPECIES, MIN_DISTANCE, CrystalArrays, entry_label, structure_to_arrays, validate_arrays
 
 MAX_EDGES = 20_000_000  # safety net against absurd inputs (realistic: ~100 edges per atom)
 
@@ -148,5 +148,4 @@ def graph_lattices(bg: "dgl.DGLGraph", key: str = "lattice") -> torch.Tensor:
     return bg.ndata[key][first.to(bg.device)]
 
 
-__all__ = ["MAX_EDGES", "NUM_SPECIES", "CrystalArrays", "StructureError", "build_graph", "graph_from_arrays",
-           "graph_lattices", "periodic_neighbors", "structure_to_arrays"]
+__all__ = ["MAX_EDGES", "build_graph", "graph_from_arrays", "graph_lattices", "periodic_neighbors"]

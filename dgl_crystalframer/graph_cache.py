@@ -187,10 +187,10 @@ def build_graphs(entries: List[Entry], cutoff: float, cache: Optional[GraphCache
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         g = build_graph(e.make(), cutoff=cutoff, entry_id=e.id)
-                except StructureError as exc:
+                except StructureError as exc:  # a property of the entry: cached, not tried again
                     failed[e.id] = buf_failed[e.id] = str(exc)
-                except Exception as exc:  # unexpected: still skip the entry, but say what happened
-                    failed[e.id] = buf_failed[e.id] = f"{e.id}: {type(exc).__name__}: {exc}"
+                except Exception as exc:  # unexpected: skip the entry this time, say why, retry next time
+                    failed[e.id] = f"{e.id}: {type(exc).__name__}: {exc}"
                 else:
                     graphs[e.id] = g
                     buf_ids.append(e.id)

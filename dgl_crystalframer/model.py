@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import sparse as S
-from .config import MODEL_PRESETS as PRESETS, ModelConfig, model_config
+from .config import ModelConfig, model_config
 from .nn import CrystalFramerConv, edge_geometry
 from .structures import NUM_SPECIES
 
@@ -111,4 +111,4 @@ def build_model(config: Union[ModelConfig, Dict[str, Any], None] = None) -> Crys
     return CrystalFramer(config)
 
 
-__all__ = ["CrystalFramer", "CrystalFramerBlock", "PRESETS", "build_model"]
+__all__ = ["CrystalFramer", "CrystalFramerBlock", "build_model"]

@@ -152,10 +152,12 @@ class CrystalFramerConv(nn.Module):
     the angular term (plain Crystalformer).  The basis sums are aggregated per node first and
     projected once per node (linearity), so no per-edge projected features are ever formed.
 
-    Kernels: q.k is an SDDMM (``u_dot_v``), the softmax is ``edge_softmax``, the value and distance
-    sums are SpMMs (``u_mul_e_sum``, ``gspmm`` over an edge->atom block, backward by SDDMM ``dot``)
-    and the angular sum evaluates b_a as a piecewise polynomial through per-atom histograms of
-    moments (error ~4e-8, see ``_AngularAggregate``; a fused numba kernel on CPU, ``kernels.py``).
+    Kernels (``sparse.py``, DGL's or plain PyTorch): q.k is an SDDMM (``u_dot_v``), the softmax is
+    ``edge_softmax``, the value sum an SpMM (``u_mul_e_sum``); the distance sum is a batched matmul
+    over each atom's padded edge list (``_DistAggregate``), and the angular sum evaluates b_a as a
+    piecewise polynomial through per-atom histograms of moments (error ~4e-8, see
+    ``_AngularAggregate``; a fused numba kernel on CPU, ``kernels.py``); on CPU the frames are one
+    fused numba pass as well.
 
     Memory (forward + backward, per edge, H heads, D angular / K distance Gaussians): the layer
     keeps at most about ``H * (8 + 3)`` floats per edge for backward (logits, weights, softmax

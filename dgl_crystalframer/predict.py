@@ -1,6 +1,6 @@
 """Checkpoint -> predictions for crystal structures (the ``predict`` command is cli/predict.py).
 
-    predictor = Predictor("runs/x/swa.pt")
+    predictor = Predictor("runs/x/model.pt")
     ids, values, errors = predictor.predict_files(["a.cif", "folder/"])   # values in the target's units
 """
 from __future__ import annotations

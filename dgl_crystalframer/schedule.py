@@ -127,8 +127,8 @@ def plan_steps(budget: float, elapsed: float, steps_done: int, seconds_per_step:
         steps += n
     steps = max(steps, steps_done + 1)
     swa_steps = int(round(swa_fraction * steps))
-    return Plan(total_steps=steps, swa_start_step=steps - swa_steps, budget_seconds=budget, planned_at_step=steps_done, seconds_per_step=seconds_per_step,
-                seconds_per_eval=seconds_per_eval)
+    return Plan(total_steps=steps, swa_start_step=steps - swa_steps, budget_seconds=budget, planned_at_step=steps_done,
+                seconds_per_step=seconds_per_step, seconds_per_eval=seconds_per_eval, seconds_final=seconds_final)
 
 
 __all__ = ["Plan", "Probe", "SCHEDULES", "Schedule", "format_duration", "parse_duration", "plan_steps"]

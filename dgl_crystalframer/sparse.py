@@ -32,7 +32,8 @@ command line (``set_backend``) or ``DGL_CRYSTALFRAMER_BACKEND=dgl|torch`` overri
 the same numbers to float rounding (tests/test_sparse.py).
 
 No operation here synchronises a GPU: sizes come from the graph (Python ints), never from
-device tensors.
+device tensors.  Building a topology does, once per batch: the padded layout needs the largest
+number of edges of an atom (and a DGLGraph on a GPU is checked for edges sorted by destination).
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ from typing import Dict, Optional
 import torch
 
 from ._dgl import CUDA_HELP, dgl, dglops, edge_softmax as _dgl_edge_softmax
+from .config import BACKENDS as _CHOICES
+from .errors import ConfigError, DeviceError
 
-BACKENDS = ("dgl", "torch")
+BACKENDS = tuple(b for b in _CHOICES if b != "auto")  # ("dgl", "torch")
 BACKEND_ENV = "DGL_CRYSTALFRAMER_BACKEND"
 _requested: Optional[str] = None  # set_backend(); None: the environment variable, else auto
 
@@ -61,18 +64,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name != "auto" and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
     if not torch.cuda.is_available():
         if name == "auto":
             return torch.device("cpu")
-        raise RuntimeError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU "
+        raise DeviceError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU "
                            f"(a CPU-only build of torch, or no driver). " + CUDA_HELP)
     try:
         device = torch.device("cuda" if name == "auto" else name)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise RuntimeError(f"--device {name}: torch sees only {torch.cuda.device_count()} GPU(s)")
+        raise DeviceError(f"--device {name}: torch sees only {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -82,7 +85,7 @@ def set_backend(name: Optional[str]) -> None:
     global _requested
     name = (name or "auto").strip().lower()
     if name not in BACKENDS + ("auto",):
-        raise ValueError(f"unknown backend {name!r}: use auto, dgl or torch")
+        raise ConfigError(f"unknown backend {name!r}: use auto, dgl or torch")
     _requested = None if name == "auto" else name
 
 
@@ -92,7 +95,7 @@ def requested_backend() -> str:
         return _requested
     name = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
     if name not in BACKENDS + ("auto",):
-        raise ValueError(f"{BACKEND_ENV}={name!r}: use dgl or torch (or leave it unset)")
+        raise ConfigError(f"{BACKEND_ENV}={name!r}: use dgl or torch (or leave it unset)")
     return name
 
 
@@ -121,7 +124,7 @@ def select_backend(device) -> str:
     if dgl_supports(device):
         return "dgl"
     if name == "dgl":
-        raise RuntimeError(f"backend dgl: the installed DGL {dgl.__version__} has no kernels for {device}. "
+        raise DeviceError(f"backend dgl: the installed DGL {dgl.__version__} has no kernels for {device}. "
                            f"Use --backend torch (plain PyTorch, any device), or: {CUDA_HELP}")
     return "torch"
 
@@ -141,7 +144,7 @@ class Topology:
         self.device = torch.device(device) if device is not None else src.device
         self.backend = backend or select_backend(self.device)
         if self.backend == "dgl" and not dgl_supports(self.device):
-            raise RuntimeError(f"backend dgl: the installed DGL has no kernels for {self.device}. {CUDA_HELP}")
+            raise DeviceError(f"backend dgl: the installed DGL has no kernels for {self.device}. {CUDA_HELP}")
         self.source = graph
         self.src = src.to(self.device, torch.int64, non_blocking=True)
         self.dst = dst.to(self.device, torch.int64, non_blocking=True)

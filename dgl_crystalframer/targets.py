@@ -77,20 +77,12 @@ def resolve_target(source: str, target: str) -> str:
                      f"(aliases: {', '.join(sorted(a for a in table if a not in TARGETS[source]))})")
 
 
-def target_unit(source: str, target: str) -> str:
-    try:
-        return TARGET_UNITS[source][resolve_target(source, target)]
-    except (KeyError, ValueError):
-        return ""
-
-
 def default_target(dataset: str) -> Optional[str]:
     """The usual target of a named dataset (its formation energy); None for a user's data."""
     return DEFAULT_TARGETS.get(dataset)
 
 
-DEFAULT_TARGETS = {"megnet_sample": "e_form", "megnet": "e_form", "dft_3d_2021": "formation_energy_peratom",
-                   "dft_3d": "formation_energy_peratom"}
+DEFAULT_TARGETS = {"megnet_sample": "e_form", "megnet": "e_form", "dft_3d_2021": "formation_energy_peratom"}
 
 
 def to_float(value: Any) -> Optional[float]:
@@ -139,4 +131,4 @@ class Normalizer:
 
 
 __all__ = ["DEFAULT_TARGETS", "Normalizer", "TARGETS", "TARGET_ALIASES", "TARGET_UNITS", "TargetInfo", "default_target",
-           "resolve_target", "target_unit", "to_float"]
+           "resolve_target", "to_float"]

@@ -3,17 +3,21 @@
     from dgl_crystalframer import TrainConfig, train_and_evaluate
     result = train_and_evaluate(TrainConfig(dataset="megnet_sample", target="e_form", preset="quick"))
 
-Recipe: targets standardised with the train mean and population std, L1 loss, AdamW (lr 5e-4,
-betas 0.9/0.98, weight decay 1e-5 on weight matrices only), grad-norm clip 1.0,
-lr_t = lr0 * sqrt(T / (T + t)) with T = 4000 optimiser steps, stochastic weight averaging (equal
-weights, every step) over the last ``swa_epochs`` epochs with the lr frozen, seed 123.
+Recipe: targets standardised with the train mean and population std, L1 loss, AdamW (betas
+0.9/0.98, weight decay 1e-5 on weight matrices only), grad-norm clip 1.0, a learning-rate schedule
+(``schedule.py``: the paper's lr0 * sqrt(T / (T + t)), frozen while the weights are averaged, or a
+cosine annealed to zero), stochastic weight averaging (equal weights, every step) over the last
+``swa_epochs`` epochs or, with a time budget, the last ``swa_fraction`` of the planned steps.
+The length of the run is ``epochs``, or a ``time_budget`` that plans the steps that fit.
 
 Files under ``out_dir`` (rank 0 only):
 
 - ``last.pt``  everything needed to resume (model, SWA model, optimiser, step, RNG states, history);
   written atomically after every epoch, so an interrupted run (Ctrl-C, kill -9) resumed with
   ``resume=True`` ends with exactly the weights and metrics of an uninterrupted run.
-- ``best.pt``  the model with the best validation MAE; ``swa.pt`` the reported (SWA) model.
+- ``model.pt`` the reported model (``reported_model``: the weight average for the paper schedule,
+  the best-validation model for the others); ``best.pt`` the best-validation model; ``swa.pt``
+  the weight average (SWA) of the last steps.
   Every ``*.pt`` loads on its own with :func:`checkpoint.load_checkpoint`.
 - ``log.csv`` one row per epoch; ``results.json``; ``split_ids.json`` (the ids of each split);
   ``test_predictions.csv``; ``parity.png`` and ``learning_curve.png``.
@@ -46,7 +50,7 @@ from .basis import default_cutoff
 from .batch import collate_for, to_device
 from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint
 from .config import RUNTIME_FIELDS, TrainConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingDiverged
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
 from .model import build_model
 from .plots import write_plots
@@ -159,7 +163,7 @@ class Trainer:
         self.schedule = Schedule(self.cfg.schedule, self.cfg.lr, self.cfg.lr_T, self.cfg.warmup_steps)
         self.budget = parse_duration(self.cfg.time_budget) if self.cfg.time_budget is not None else None
         self.timers: Dict[str, float] = {"data": 0.0, "train": 0.0, "validation": 0.0, "checkpoints": 0.0}
-        self.resumed = False
+        self.elapsed_before = 0.0  # a resumed run: the seconds the interrupted process had spent
         # the state that a resume restores
         self.plan: Optional[Plan] = None
         self.step = 0
@@ -178,14 +182,21 @@ class Trainer:
 
     def _load_data(self):
         cfg = self.cfg
-        if self.dist.world > 1:  # rank 0 first, so that a graph cache is built once
-            if self.dist.main:
+        if self.dist.world == 1:
+            return load_splits(cfg, cfg.progress)
+        # rank 0 first, so that a graph cache is built once; its failure stops every rank
+        failure: List[Any] = [None]
+        if self.dist.main:
+            try:
                 splits = load_splits(cfg, cfg.progress)
-            self.dist.barrier()
-            if not self.dist.main:
-                splits = load_splits(cfg, progress=False)
-            return splits
-        return load_splits(cfg, cfg.progress)
+            except Exception as exc:
+                failure = [f"{type(exc).__name__}: {exc}"]
+                dist.broadcast_object_list(failure, src=0)
+                raise
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise DataError(f"rank 0 could not load the data ({failure[0]})")
+        return splits if self.dist.main else load_splits(cfg, progress=False)
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -203,12 +214,14 @@ class Trainer:
 
         t0 = time.perf_counter()
         splits = self._data if self._data is not None else self._load_data()
-        self.timers["data"] = time.perf_counter() - t0 if self._data is None else 0.0
+        # data loaded by the caller counts from ``started_at`` (the command line loads it once for all runs)
+        self.timers["data"] = time.perf_counter() - (t0 if self._data is None else self.started_at)
         info = dict(getattr(splits, "info", None) or {})
         self.info = info
-        self.train_ds = _cap(splits.train, cfg.max_train, cfg.seed)
-        self.val_ds = _cap(splits.val, cfg.max_eval, cfg.seed + 1)
-        self.test_ds = _cap(splits.test, cfg.max_eval, cfg.seed + 2)
+        # the caps are part of the split: the same subsets for every training seed
+        self.train_ds = _cap(splits.train, cfg.max_train, cfg.split_seed)
+        self.val_ds = _cap(splits.val, cfg.max_eval, cfg.split_seed + 1)
+        self.test_ds = _cap(splits.test, cfg.max_eval, cfg.split_seed + 2)
         if len(self.train_ds) == 0 or len(self.val_ds) == 0 or len(self.test_ds) == 0:
             raise DataError(f"{cfg.dataset}: empty split ({info.get('split', 'given splits')}: train {len(self.train_ds)}, "
                             f"val {len(self.val_ds)}, test {len(self.test_ds)}): training needs entries in all three; "
@@ -263,7 +276,11 @@ class Trainer:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         old = ckpt.get("train_state", {}).get("config", {})
         now = _plain(asdict(self.cfg))
-        diff = [k for k in now if k not in RUNTIME_FIELDS and k in old and old[k] != now[k]]
+        missing = [k for k in now if k not in RUNTIME_FIELDS and k not in old]
+        if missing:
+            raise ConfigError(f"cannot resume from {path}: it was written by another version of dgl_crystalframer "
+                              f"(no setting for {', '.join(missing)}); start a new run with another --out")
+        diff = [k for k in now if k not in RUNTIME_FIELDS and old[k] != now[k]]
         if diff:
             raise ConfigError(f"cannot resume from {path}: the configuration differs in "
                               + ", ".join(f"{k} ({old[k]!r} there, {now[k]!r} now)" for k in diff)
@@ -280,10 +297,11 @@ class Trainer:
         if st.get("swa") is not None:
             self.swa = SWA(self.model)
             self.swa.load_state_dict(st["swa"])
-        self.timers.update(st.get("timers") or {})
+        for key, seconds in (st.get("timers") or {}).items():  # this process's data loading adds to them
+            self.timers[key] = self.timers.get(key, 0.0) + seconds
+        self.elapsed_before = float(st.get("elapsed", 0.0))
         rng = st["rng"]
         set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
-        self.resumed = True
         self._log(f"resumed from {path}: {self.epoch} epochs, {self.step} steps done")
 
     def _save_last(self) -> None:
@@ -299,7 +317,7 @@ class Trainer:
             "epoch": self.epoch, "plan": self.plan.as_dict() if self.plan is not None else None,
             "history": self.history, "best_val": self.best_val, "best_epoch": self.best_epoch,
             "best_model": self.best_state, "swa": self.swa.state_dict() if self.swa is not None else None,
-            "rng": states, "timers": dict(self.timers),
+            "rng": states, "timers": dict(self.timers), "elapsed": self._elapsed(),
         }
         atomic_torch_save(make_checkpoint("last", self.model.state_dict(), self.meta, epoch=self.epoch,
                                           train_state=train_state), self.out / "last.pt")
@@ -313,7 +331,8 @@ class Trainer:
         return None if self.plan is None else math.ceil(self.plan.total_steps / self.steps_per_epoch)
 
     def _elapsed(self) -> float:
-        return time.perf_counter() - self.started_at
+        """Seconds since the run started (the part before an interruption included)."""
+        return self.elapsed_before + time.perf_counter() - self.started_at
 
     @torch.no_grad()
     def _seconds_per_eval_crystal(self) -> float:
@@ -334,8 +353,8 @@ class Trainer:
         cfg = self.cfg
         per_crystal = self._seconds_per_eval_crystal()
         per_eval = per_crystal * len(self.val_ds) + 0.05  # + the checkpoint written after each epoch
-        # the end: SWA and best models on val/test, files and plots (a few seconds, measured loosely)
-        final = per_crystal * (len(self.val_ds) + 3 * len(self.test_ds)) + (3.0 if cfg.plots else 0.5)
+        # the end: final and SWA models on val, all three on test, files and plots (seconds, loosely)
+        final = per_crystal * (2 * len(self.val_ds) + 3 * len(self.test_ds)) + (3.0 if cfg.plots else 0.5)
         plan = plan_steps(self.budget, self._elapsed(), self.step, seconds_per_step, self.steps_per_epoch, per_eval,
                           final, cfg.swa_fraction)
         if self.dist.world > 1:  # every rank must run the same number of steps: rank 0's plan
@@ -349,20 +368,30 @@ class Trainer:
 
     def _check_budget(self) -> None:
         """After an epoch: if the run is falling behind its budget (a slower machine than measured,
-        another job), plan again with the speed seen so far."""
-        if self.budget is None or self.resumed or self.plan is None or self.step >= self.plan.total_steps:
+        another job), plan again with the speed seen so far (rank 0 decides for every rank)."""
+        if self.budget is None or self.plan is None or self.step >= self.plan.total_steps:
             return
-        steps_left = self.plan.total_steps - self.step
-        per_step = self.timers["train"] / max(1, self.step)
-        per_eval = self.timers["validation"] / max(1, self.epoch)
-        epochs_left = math.ceil(self.plan.total_steps / self.steps_per_epoch) - self.epoch
-        projected = self._elapsed() + steps_left * per_step + epochs_left * per_eval
-        if projected > 1.03 * self.budget:
-            old = self.plan.total_steps
-            swa_fraction = (old - self.plan.swa_start_step) / old
-            self.plan = plan_steps(self.budget, self._elapsed(), self.step, per_step, self.steps_per_epoch, per_eval,
-                                   self.plan.seconds_final or 0.0, swa_fraction)
-            self._log(f"time budget: behind schedule, {old} -> {self.plan.total_steps} steps")
+        plan = None
+        if self.dist.main:
+            old = self.plan
+            per_step = self.timers["train"] / max(1, self.step)
+            per_eval = self.timers["validation"] / max(1, self.epoch)
+            epochs_left = math.ceil(old.total_steps / self.steps_per_epoch) - self.epoch
+            projected = (self._elapsed() + (old.total_steps - self.step) * per_step + epochs_left * per_eval
+                         + (old.seconds_final or 0.0))
+            if projected > 1.03 * self.budget:
+                plan = plan_steps(self.budget, self._elapsed(), self.step, per_step, self.steps_per_epoch, per_eval,
+                                  old.seconds_final or 0.0, (old.total_steps - old.swa_start_step) / old.total_steps)
+                if self.step > old.swa_start_step:  # averaging has begun: it goes on from where it started
+                    plan.swa_start_step = min(old.swa_start_step, plan.total_steps)
+                plan.swa_start_step = max(plan.swa_start_step, self.step)
+        if self.dist.world > 1:
+            shared = [plan]
+            dist.broadcast_object_list(shared, src=0)
+            plan = shared[0]
+        if plan is not None:
+            self._log(f"time budget: behind schedule, {self.plan.total_steps} -> {plan.total_steps} steps")
+            self.plan = plan
 
     # -- loops --------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
@@ -383,7 +412,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         n_seen, in_swa = 0, False
         probe = Probe() if self.plan is None else None
-        t0 = t_step = time.perf_counter()
+        epoch_start = t0 = t_step = time.perf_counter()
+        planning = 0.0
         for bg, y in loader:
             if self.plan is not None and self.step >= self.plan.total_steps:
                 break  # a budgeted run may end mid-epoch
@@ -397,7 +427,7 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
             loss_v, gnorm_v = torch.stack([loss.detach(), gnorm.to(loss.dtype)]).tolist()  # one device sync a step
             if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"non-finite training loss ({loss_v}) or gradient norm ({gnorm_v}) at epoch {epoch + 1}, "
                     f"step {self.step + 1} (lr {self.lr_at(self.step):.3g}); try a smaller lr or check the targets")
             lr = self.lr_at(self.step)
@@ -417,16 +447,18 @@ class Trainer:
                 probe.add(now - t_step)
                 if probe.counted >= min(20, max(1, self.steps_per_epoch - probe.skip)) or probe.seen == self.steps_per_epoch:
                     self.timers["train"] += now - t0  # the plan counts the time spent so far
-                    t0 = now
                     self._make_plan(probe.seconds_per_step or (now - t_step))
+                    t0 = time.perf_counter()
+                    planning, now = t0 - now, t0
                     probe = None
             t_step = now
             bar.update(1)
             if bar.n % 5 == 0 or bar.n == self.steps_per_epoch:
                 bar.set_postfix(loss=f"{float(loss_sum) / n_seen:.4f}",
-                                cryst_s=f"{n_seen * self.dist.world / (now - t0 + 1e-9):.0f}")
-        seconds = time.perf_counter() - t0
-        self.timers["train"] += seconds
+                                cryst_s=f"{n_seen * self.dist.world / (now - epoch_start - planning + 1e-9):.0f}")
+        end = time.perf_counter()
+        self.timers["train"] += end - t0
+        seconds = end - epoch_start - planning
         bar.close()
         stats = torch.tensor([float(loss_sum), float(n_seen)], dtype=torch.float64)
         if self.dist.world > 1:
@@ -539,7 +571,7 @@ class Trainer:
             best_model.load_state_dict(self.best_state)
             candidates["best"] = (best_model, self.best_epoch)
         # the model the schedule promises; the others are reported beside it
-        reported = cfg.reported_model if cfg.reported_model in candidates else "swa" if "swa" in candidates else "final"
+        reported = cfg.reported_model if cfg.reported_model in candidates else "final"
         predictions = {}
         for name, (model, epoch) in candidates.items():
             t0 = time.perf_counter()
@@ -574,13 +606,16 @@ class Trainer:
             "latency_ms_per_crystal": 1000.0 * latency,
             "device": str(self.device), "backend": self.backend, "threads": torch.get_num_threads(),
             "world_size": self.dist.world, "seed": cfg.seed, "normalizer": self.normalizer.as_dict(),
-            "cutoff": self.cutoff, "out_dir": str(self.out), "checkpoint": str(self.out / "swa.pt"),
+            "cutoff": self.cutoff, "out_dir": str(self.out), "checkpoint": str(self.out / "model.pt"),
             "train_test_overlap": len(train_ids & set(_ids(self.test_ds))),
             "config": _plain(asdict(cfg)),
         }
         if self.dist.main:
             atomic_torch_save(make_checkpoint(reported, final_model.state_dict(), self.meta, epoch=self.epoch,
-                                              val_mae=models[reported]["val_mae"]), self.out / "swa.pt")
+                                              val_mae=models[reported]["val_mae"]), self.out / "model.pt")
+            if "swa" in candidates:
+                atomic_torch_save(make_checkpoint("swa", self.swa.module.state_dict(), self.meta, epoch=self.epoch,
+                                                  val_mae=models["swa"]["val_mae"]), self.out / "swa.pt")
             split_ids = {"split": self.info.get("split"), "train": _ids(self.train_ds), "val": _ids(self.val_ds),
                          "test": _ids(self.test_ds)}
             atomic_write_text(self.out / "split_ids.json", json.dumps(split_ids) + "\n")

@@ -285,7 +285,7 @@ def serialise(doc: dict):
 
 
 def counts(doc: dict):
-    """{target: {"total", "train", "val", "test", "protocol"}} exactly as data.py splits the sample."""
+    """{target: {"total", "train", "val", "test", "protocol"}} exactly as load_dataset (splits.py) splits the sample."""
     out = OrderedDict()
     for t in TARGETS:
         ids = [e["id"] for e in doc["entries"] if e["targets"][t] is not None]

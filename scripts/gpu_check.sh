@@ -32,7 +32,7 @@ python3 - <<'EOF' 2>&1 | tee "$out/profile.txt"
 import dgl_crystalframer  # noqa: F401  (OpenMP policy, DGL import)
 import torch
 from torch.profiler import ProfilerActivity, profile
-from benchmarks.perf import _on, make_model, sample_graphs, train_step_fn
+from dgl_crystalframer.bench.perf import _on, make_model, sample_graphs, train_step_fn
 device = torch.device("cuda")
 for frame in ("none", "max"):
     step = train_step_fn(make_model(frame).to(device), _on(device, sample_graphs(256), 256, 1))

@@ -41,7 +41,7 @@ def test_default_dataset_smoke_run(tmp_path):
     for key in RESULT_KEYS:
         assert key in res, key
     assert (res["dataset"], res["target"], res["frame"]) == ("megnet_sample", "e_form", "max")
-    for name in ("parity.png", "learning_curve.png", "best.pt", "swa.pt", "last.pt", "log.csv"):
+    for name in ("parity.png", "learning_curve.png", "model.pt", "best.pt", "swa.pt", "last.pt", "log.csv"):
         assert (out / name).is_file(), name
     table = proc.stdout
     assert "SAMPLE-SIZE RUN" in table

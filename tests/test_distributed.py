@@ -77,5 +77,5 @@ def test_two_cpu_ranks_train_identical_weights(tmp_path, backend):
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["n_train"] == 40 and res["backend"] == backend
     assert proc.stderr.count("epoch 1/2 ") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.csv", "results.json", "split_ids.json",
-                                                     "swa.pt", "test_predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.csv", "model.pt", "results.json",
+                                                     "split_ids.json", "swa.pt", "test_predictions.csv"]

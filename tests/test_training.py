@@ -84,8 +84,8 @@ def test_train_writes_everything_and_checkpoints_load(small_data, tmp_path):
     assert math.isfinite(res["test_mae"]) and res["latency_ms_per_crystal"] > 0
     assert [e for e, _ in calls] == [1, 2, 3]
     assert {"val_mae", "train_loss", "train_mae", "lr", "seconds"} <= set(calls[0][1])
-    for name in ("best.pt", "swa.pt", "last.pt", "log.csv", "results.json", "test_predictions.csv", "parity.png",
-                 "learning_curve.png"):
+    for name in ("model.pt", "best.pt", "swa.pt", "last.pt", "log.csv", "results.json", "test_predictions.csv",
+                 "parity.png", "learning_curve.png"):
         assert (out / name).is_file(), name
     assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 3
     ids = json.loads((out / "split_ids.json").read_text())  # the ids each split used, next to results.json
@@ -93,8 +93,9 @@ def test_train_writes_everything_and_checkpoints_load(small_data, tmp_path):
     assert json.loads((out / "results.json").read_text())["test_mae"] == pytest.approx(res["test_mae"])
     assert not list(out.glob("*.tmp"))
 
-    model, meta = load_checkpoint(str(out / "swa.pt"))
-    assert meta["kind"] == "swa" and meta["target"] == "e_form"
+    model, meta = load_checkpoint(str(out / "model.pt"))  # the reported model
+    assert meta["kind"] == res["reported_model"] == "best" and meta["target"] == "e_form"  # cosine: best-validation
+    assert load_checkpoint(str(out / "swa.pt"))[1]["kind"] == "swa"
     assert meta["cutoff"] == pytest.approx(res["cutoff"]) and meta["normalizer"]["std"] > 0
     assert model.config.num_layers == 1 and not model.training
     # the checkpoint alone reproduces the test predictions of the run
@@ -219,8 +220,8 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(small_data, tmp_path
     resumed = _run_script(script, str(small_data), str(out), "resume")
     assert resumed["test_mae"] == pytest.approx(ref["test_mae"], rel=1e-6, abs=1e-9)
     assert resumed["val_mae"] == pytest.approx(ref["val_mae"], rel=1e-6, abs=1e-9)
-    a = torch.load(tmp_path / "ref" / "swa.pt", weights_only=True)["model"]
-    b = torch.load(out / "swa.pt", weights_only=True)["model"]
+    a = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)["model"]
+    b = torch.load(out / "model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-6, atol=1e-7), k
@@ -253,8 +254,8 @@ def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(small_data, tmp
     assert res["plan"] == stored and res["steps"] == stored["total_steps"]
     assert res["epochs"] == math.ceil(stored["total_steps"] / 5)  # 40 crystals at batch 8: 5 steps an epoch
     assert res["swa_steps"] == stored["total_steps"] - stored["swa_start_step"]
-    assert res["schedule"] == "cosine" and res["reported_model"] == "swa" and res["time_budget_seconds"] == 25.0
-    assert set(res["models"]) == {"swa", "best", "final"} and res["test_mae"] == res["models"]["swa"]["test_mae"]
+    assert res["schedule"] == "cosine" and res["reported_model"] == "best" and res["time_budget_seconds"] == 25.0
+    assert set(res["models"]) == {"swa", "best", "final"} and res["test_mae"] == res["models"]["best"]["test_mae"]
     assert {"data", "train", "validation", "checkpoints", "final", "total"} <= set(res["seconds"])
     lr_last = [float(line.split(",")[6]) for line in (out / "log.csv").read_text().splitlines()[1:]][-1]
     assert lr_last < 0.05 * 5e-4  # annealed to (near) zero by the planned end

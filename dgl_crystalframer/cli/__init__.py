@@ -66,7 +66,7 @@ def run_command(fn) -> int:
 
     try:
         return int(fn() or 0)
-    except (UserError, FileNotFoundError) as exc:
+    except (UserError, OSError) as exc:  # OSError: a file or folder that cannot be read or written
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

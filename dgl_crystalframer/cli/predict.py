@@ -1,6 +1,6 @@
 """``dgl-crystalframer predict``: checkpoint + structure files/folders -> CSV of predictions.
 
-    dgl-crystalframer predict --checkpoint runs/x/swa.pt a.cif b.vasp some_folder/ [--out preds.csv]
+    dgl-crystalframer predict --checkpoint runs/x/model.pt a.cif b.vasp some_folder/ [--out preds.csv]
 
 prints ``id,<target> (<unit>)`` then one line per structure (values in the target's original
 units) on stdout; a structure that cannot be read or used gets one ``error: ...`` line on stderr
@@ -21,7 +21,7 @@ def build_parser(prog: str = "dgl-crystalframer predict") -> argparse.ArgumentPa
                                 "on stdout; unreadable files get an error line on stderr and the rest are still predicted.")
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER",
                    help="structure files (CIF, POSCAR/CONTCAR/.vasp, pymatgen JSON, ...) and/or folders of them")
-    p.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by training (swa.pt, best.pt or last.pt)")
+    p.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by training (model.pt, best.pt, swa.pt or last.pt)")
     p.add_argument("--out", "-o", help="also write the predictions to this CSV file")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     p.add_argument("--backend", choices=BACKENDS, default=None,
@@ -31,7 +31,10 @@ def build_parser(prog: str = "dgl-crystalframer predict") -> argparse.ArgumentPa
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "dgl-crystalframer predict") -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1 (got {args.batch_size})")
     from ..predict import Predictor, error_line  # torch and DGL load here, not for --help
 
     try:

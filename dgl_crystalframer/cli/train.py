@@ -6,8 +6,8 @@
     torchrun --nproc_per_node 4 -m dgl_crystalframer train --dataset megnet --preset paper --device cuda
 
 Each run writes OUT/results.json, OUT/log.csv, OUT/split_ids.json, OUT/parity.png,
-OUT/learning_curve.png and the checkpoints OUT/{best,swa,last}.pt (OUT defaults to
-runs/<dataset>-<target>-<frame>).  ``python -m benchmarks.jarvis`` is this command with the
+OUT/learning_curve.png and the checkpoints OUT/model.pt (the reported model), OUT/best.pt,
+OUT/swa.pt and OUT/last.pt (OUT defaults to runs/<dataset>-<target>-<frame>).  ``python -m benchmarks.jarvis`` is this command with the
 published test MAEs next to ours.  Exit status: 0 ok, 2 bad options or data (one message, no
 traceback), 130 interrupted (rerun with --resume to continue from the last completed epoch).
 """
@@ -47,13 +47,15 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
                         "docs/METHOD.md 5) [default: quick]")
     p.add_argument("--time-budget", dest="time_budget", metavar="DURATION",
                    help="train for this long, all included (data, graphs, evaluation), e.g. 10m, 2h: the run measures "
-                        "its speed, plans the steps that fit and anneals the learning rate to zero by the end")
+                        "its speed and plans the steps that fit (with the cosine schedule, unless --schedule says "
+                        "otherwise, annealed to zero by the end)")
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="learning rate: paper (lr0 sqrt(T/(T+t)), docs/METHOD.md 5) or cosine (annealed to zero) "
                         "[default: the preset's: cosine for smoke/quick, paper for paper]")
     p.add_argument("--epochs", type=int)
     p.add_argument("--swa-epochs", type=int, dest="swa_epochs",
-                   help="average the weights of the last N epochs (the reported SWA model) [default: the preset's]")
+                   help="average the weights of the last N epochs (swa.pt; the reported model with the paper "
+                        "schedule) [default: the preset's]")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train N times (seeds SEED, SEED+1, ...) on the same split and report the mean and standard "
                         "deviation of the test MAE [default: 1]")
@@ -121,8 +123,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     for k, cfg in enumerate(configs):
         results.append(train_and_evaluate(cfg, data=data, started_at=started if k == 0 else None))
     if (args.frame == "all" or args.seeds > 1) and _is_main_rank():
-        summary_dir = Path(base.out_dir or default_out_dir(configs[0].dataset, configs[0].target,
-                                                           "all" if args.frame == "all" else configs[0].frame))
+        summary_dir = Path(base.out_dir or default_out_dir(configs[0].dataset, configs[0].target, "all" if args.frame == "all"
+                                                           else configs[0].model_config().frame))
         summary_dir.mkdir(parents=True, exist_ok=True)
         runs = [{k: v for k, v in r.items() if k != "config"} for r in results]
         if args.frame == "all":

@@ -66,7 +66,7 @@ def real_trainer() -> Trainer:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return None
         r = cfg.resolved()
-        key = (r.dataset, r.target, r.data_dir, r.split, r.cutoff, r.cache_dir, r.seed)
+        key = (r.dataset, r.target, r.data_dir, r.split, r.cutoff, r.cache_dir, r.split_seed)
         if key not in cache:
             cache.clear()
             cache[key] = training.load_splits(r, progress=False)

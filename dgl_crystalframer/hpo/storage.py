@@ -21,10 +21,15 @@ import socket
 import time
 import warnings
 from pathlib import Path
-
-import optuna
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+
+# Optuna is imported inside the functions: the command line reads the constants above without it
+# (``hpo --help``, and a clear message when the [hpo] extra is missing).
 
 log = logging.getLogger("hpo")
 JOURNAL_PREFIX = "journal:"
@@ -63,6 +68,8 @@ def _engine_kwargs(url: str) -> dict:
 
 
 def _retry_callback(max_retry: int):
+    import optuna
+
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or getattr(
         optuna.storages, "RetryFailedTrialCallback"
     )
@@ -91,6 +98,8 @@ def make_storage(
 ) -> optuna.storages.BaseStorage:
     """A journal file storage for ``journal:FILE``, else an RDBStorage with heartbeats (creation is
     retried: workers may race to create the tables)."""
+    import optuna
+
     if url.startswith(JOURNAL_PREFIX):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
