@@ -28,9 +28,15 @@ def test_explicit_fields_override_presets():
     assert (c.epochs, c.num_layers, c.batch_size) == (7, 3, 5)
     assert c.dim == 32 and c.max_train == 48  # the rest from the preset
     assert c.swa_epochs == 1  # 10% of 7, at least 1
-    q = TrainConfig(preset="quick").resolved()  # the paper's model, all training crystals
-    assert (q.epochs, q.batch_size, q.swa_epochs) == (10, 64, 2) and q.model_config() == ModelConfig()
-    assert q.max_train is None
+    q = TrainConfig(preset="quick").resolved()  # the paper's model, all training crystals, for a fixed time
+    assert (q.time_budget, q.batch_size, q.lr, q.warmup_steps, q.schedule) == ("12m", 32, 2e-3, 0, "cosine")
+    assert q.model_config() == ModelConfig() and q.max_train is None and q.reported_model == "best"
+    e = TrainConfig(preset="quick", epochs=7).resolved()  # explicit epochs replace the budget
+    assert (e.time_budget, e.epochs, e.batch_size) == (None, 7, 32)
+    with pytest.raises(ConfigError, match="not both"):
+        TrainConfig(epochs=3, time_budget="1m").resolved()
+    p = TrainConfig(preset="paper", time_budget="2h").resolved()  # a budget anneals, whatever the preset
+    assert (p.schedule, p.lr, p.reported_model) == ("cosine", 5e-4, "best")
     s = TrainConfig(preset="smoke").resolved()
     assert s.epochs <= 3 and s.num_layers == 1
     with pytest.raises(ConfigError, match="frame"):

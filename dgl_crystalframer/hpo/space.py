@@ -84,7 +84,7 @@ SPACE: dict[str, Param] = {
     "frame": Choice(FRAMES),
     "num_layers": IntRange(1, 8),
     "num_angle_basis": Choice((16, 32, 64)),
-    "lr": LogRange(1e-4, 2e-3),
+    "lr": LogRange(1e-4, 4e-3),
     "batch_size": Choice((32, 64, 128, 256)),
 }
 
