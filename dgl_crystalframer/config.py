@@ -211,10 +211,12 @@ class _RunSettings:
         if c.time_budget is not None and c.epochs is not None:
             raise ConfigError("give epochs or a time budget, not both")
         preset = dict(TRAIN_PRESETS[c.preset])
-        if c.epochs is not None:  # explicit epochs replace the preset's time budget
-            preset.pop("time_budget", None)
         if c.preset == "paper":
             preset.update(paper_schedule(c.dataset, c.target, self.model_config().frame))
+        if c.epochs is not None:  # explicit epochs replace the preset's time budget
+            preset.pop("time_budget", None)
+        if c.time_budget is not None or "time_budget" in preset:  # a budget plans its own length
+            preset.pop("epochs", None)
         for k, v in preset.items():
             if getattr(c, k) is None:
                 setattr(c, k, v)
@@ -225,7 +227,7 @@ class _RunSettings:
         if c.reported_model is None:  # what each schedule promises (the other models are reported too)
             c.reported_model = "swa" if c.schedule == "paper" else "best"
         if c.swa_epochs is None:
-            c.swa_epochs = max(1, min(50, int(round(0.1 * c.epochs)))) if c.epochs >= 2 else 0
+            c.swa_epochs = 0 if c.epochs is None else max(1, min(50, int(round(0.1 * c.epochs)))) if c.epochs >= 2 else 0
         if c.out_dir is None:
             c.out_dir = default_out_dir(c.dataset, c.target, c.model_config().frame)
         c.validate()

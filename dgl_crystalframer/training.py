@@ -166,6 +166,7 @@ class Trainer:
         self.elapsed_before = 0.0  # a resumed run: the seconds the interrupted process had spent
         # the state that a resume restores
         self.plan: Optional[Plan] = None
+        self._probe = Probe()  # a budgeted run's speed, until it has a plan
         self.step = 0
         self.epoch = 0  # completed epochs
         self.history: List[Dict[str, Any]] = []
@@ -368,29 +369,35 @@ class Trainer:
 
     def _check_budget(self) -> None:
         """After an epoch: if the run is falling behind its budget (a slower machine than measured,
-        another job), plan again with the speed seen so far (rank 0 decides for every rank)."""
+        another job), or is well ahead before averaging has begun (validation or the machine was faster
+        than first measured), plan again with the speed seen so far (rank 0 decides for every rank)."""
         if self.budget is None or self.plan is None or self.step >= self.plan.total_steps:
             return
         plan = None
         if self.dist.main:
             old = self.plan
             per_step = self.timers["train"] / max(1, self.step)
-            per_eval = self.timers["validation"] / max(1, self.epoch)
+            per_eval = (self.timers["validation"] + self.timers["checkpoints"]) / max(1, self.epoch)
             epochs_left = math.ceil(old.total_steps / self.steps_per_epoch) - self.epoch
             projected = (self._elapsed() + (old.total_steps - self.step) * per_step + epochs_left * per_eval
                          + (old.seconds_final or 0.0))
-            if projected > 1.03 * self.budget:
+            behind = projected > 1.03 * self.budget
+            ahead = projected < 0.9 * self.budget and self.step < old.swa_start_step
+            if behind or ahead:
                 plan = plan_steps(self.budget, self._elapsed(), self.step, per_step, self.steps_per_epoch, per_eval,
-                                  old.seconds_final or 0.0, (old.total_steps - old.swa_start_step) / old.total_steps)
+                                  old.seconds_final or 0.0, self.cfg.swa_fraction)
                 if self.step > old.swa_start_step:  # averaging has begun: it goes on from where it started
                     plan.swa_start_step = min(old.swa_start_step, plan.total_steps)
                 plan.swa_start_step = max(plan.swa_start_step, self.step)
+                if ahead and plan.total_steps <= old.total_steps:
+                    plan = None
         if self.dist.world > 1:
             shared = [plan]
             dist.broadcast_object_list(shared, src=0)
             plan = shared[0]
         if plan is not None:
-            self._log(f"time budget: behind schedule, {self.plan.total_steps} -> {plan.total_steps} steps")
+            why = "behind" if plan.total_steps < self.plan.total_steps else "ahead of"
+            self._log(f"time budget: {why} schedule, {self.plan.total_steps} -> {plan.total_steps} steps")
             self.plan = plan
 
     # -- loops --------------------------------------------------------------------------------
@@ -411,7 +418,7 @@ class Trainer:
                    file=sys.stderr)
         loss_sum = torch.zeros((), dtype=torch.float64)
         n_seen, in_swa = 0, False
-        probe = Probe() if self.plan is None else None
+        probe = self._probe if self.plan is None else None
         epoch_start = t0 = t_step = time.perf_counter()
         planning = 0.0
         for bg, y in loader:
@@ -445,7 +452,8 @@ class Trainer:
             now = time.perf_counter()
             if probe is not None:
                 probe.add(now - t_step)
-                if probe.counted >= min(20, max(1, self.steps_per_epoch - probe.skip)) or probe.seen == self.steps_per_epoch:
+                # small epochs: the probe goes on into the next ones, so the plan never rests on warm-up steps
+                if probe.counted >= 20 or self._elapsed() > 0.2 * self.budget:
                     self.timers["train"] += now - t0  # the plan counts the time spent so far
                     self._make_plan(probe.seconds_per_step or (now - t_step))
                     t0 = time.perf_counter()
@@ -515,7 +523,7 @@ class Trainer:
                   f"{self.planned_epochs} epochs ({cfg.swa_epochs if self.budget is None else 'planned'} SWA)")
         self._log(f"{cfg.dataset}/{self.target}: {len(self.train_ds)} train, {len(self.val_ds)} val, "
                   f"{len(self.test_ds)} test crystals; frame {self.frame}, {self.n_params:,} parameters, "
-                  f"{length} of {self.steps_per_epoch} steps, {cfg.schedule} schedule, device {self.device} "
+                  f"{length}, {self.steps_per_epoch} steps an epoch, {cfg.schedule} schedule, device {self.device} "
                   f"(backend {self.backend})" + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
         while self.plan is None or self.step < self.plan.total_steps:
             epoch = self.epoch

@@ -31,7 +31,9 @@ def test_explicit_fields_override_presets():
     q = TrainConfig(preset="quick").resolved()  # the paper's model, all training crystals, for a fixed time
     assert (q.time_budget, q.batch_size, q.lr, q.warmup_steps, q.schedule) == ("12m", 32, 2e-3, 0, "cosine")
     assert q.model_config() == ModelConfig() and q.max_train is None and q.reported_model == "best"
+    assert q.epochs is None and q.resolved() == q  # a budget plans the length; resolving again changes nothing
     e = TrainConfig(preset="quick", epochs=7).resolved()  # explicit epochs replace the budget
+    assert e.resolved() == e
     assert (e.time_budget, e.epochs, e.batch_size) == (None, 7, 32)
     with pytest.raises(ConfigError, match="not both"):
         TrainConfig(epochs=3, time_budget="1m").resolved()
