@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     (folder / "notes.txt").write_text("not a structure, and not picked up from the folder\n")
     broken = root / "broken.cif"
     broken.write_text("data_broken\n_cell_length_a 3.0\nthis is not a CIF\n")
-    return {"root": root, "ckpt": root / "run" / "swa.pt", "folder": folder, "files": files, "broken": broken,
+    return {"root": root, "ckpt": root / "run" / "model.pt", "folder": folder, "files": files, "broken": broken,
             "ids": [e["id"] for e in entries]}
 
 
