@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dgl_crystalframer.cli import run_command
 from dgl_crystalframer.cli.train import (FRAME_LABELS, RESULT_HEADER, by_frame, fmt, main as train_main, result_row,
-                                         run_lines, table)
+                                         run_lines, spread_lines, table)
 
 # --------------------------------------------------------------------------------------------
 # Published test MAEs (docs/METHOD.md 7). Rows: (name, frame of that row or None, values per column).
@@ -97,7 +97,7 @@ def format_table(results: Sequence[Dict[str, Any]]) -> str:
             label = FRAME_LABELS.get(frame, frame)
             body.append(result_row(f"{label} (not in the paper's table)" if table_name else label, r))
     body.append(["(predicting the train mean)", "-", fmt(first.get("test_mae_of_train_mean")), "", "", "", ""])
-    return "\n".join(lines + table(RESULT_HEADER, body) + run_lines(results))
+    return "\n".join(lines + table(RESULT_HEADER, body) + spread_lines(results) + run_lines(results))
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks.jarvis") -> int:

@@ -367,22 +367,22 @@ class Trainer:
                   f"SWA over the last {plan.total_steps - plan.swa_start_step}) at {seconds_per_step:.3g} s/step, "
                   f"{per_eval:.1f} s per validation; {format_duration(self._elapsed())} spent")
 
-    def _check_budget(self) -> None:
+    def _check_budget(self, recent_per_step: Optional[float] = None) -> None:
         """After an epoch: if the run is falling behind its budget (a slower machine than measured,
-        another job), or is well ahead before averaging has begun (validation or the machine was faster
-        than first measured), plan again with the speed seen so far (rank 0 decides for every rank)."""
+        another job) or well ahead of it (the machine got faster), plan again with the speed of the
+        last epoch (rank 0 decides for every rank)."""
         if self.budget is None or self.plan is None or self.step >= self.plan.total_steps:
             return
         plan = None
         if self.dist.main:
             old = self.plan
-            per_step = self.timers["train"] / max(1, self.step)
+            per_step = recent_per_step or self.timers["train"] / max(1, self.step)
             per_eval = (self.timers["validation"] + self.timers["checkpoints"]) / max(1, self.epoch)
             epochs_left = math.ceil(old.total_steps / self.steps_per_epoch) - self.epoch
             projected = (self._elapsed() + (old.total_steps - self.step) * per_step + epochs_left * per_eval
                          + (old.seconds_final or 0.0))
             behind = projected > 1.03 * self.budget
-            ahead = projected < 0.9 * self.budget and self.step < old.swa_start_step
+            ahead = projected < 0.93 * self.budget  # the plan aims at 97%: more time, more steps
             if behind or ahead:
                 plan = plan_steps(self.budget, self._elapsed(), self.step, per_step, self.steps_per_epoch, per_eval,
                                   old.seconds_final or 0.0, self.cfg.swa_fraction)
@@ -526,7 +526,7 @@ class Trainer:
                   f"{length}, {self.steps_per_epoch} steps an epoch, {cfg.schedule} schedule, device {self.device} "
                   f"(backend {self.backend})" + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
         while self.plan is None or self.step < self.plan.total_steps:
-            epoch = self.epoch
+            epoch, first_step = self.epoch, self.step
             t0 = time.perf_counter()
             metrics = self._train_epoch(epoch)
             t_val = time.perf_counter()
@@ -554,7 +554,8 @@ class Trainer:
                       f"{metrics['seconds']:.1f} s" + ("  SWA" if metrics["swa"] else "") + ("  *best" if improved else ""))
             if epoch_callback is not None:
                 epoch_callback(self.epoch, dict(metrics))
-            self._check_budget()
+            steps = self.step - first_step  # the speed now, not the average since the start
+            self._check_budget(metrics["train_seconds"] / steps if steps >= 10 else None)
         return self._finish()
 
     def _write_log(self) -> None:

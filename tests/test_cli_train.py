@@ -138,3 +138,16 @@ def test_seeds_report_mean_and_spread_on_one_split(small_data, tmp_path, capsys)
     table = capsys.readouterr().out
     assert f"{mean:.4g} ± " in table and "(3 seeds)" in table and "(eV/atom)" in table
     assert all(r["unit"] == "eV/atom" for r in runs)
+
+
+def test_frame_table_says_whether_a_gap_exceeds_the_seed_spread():
+    from dgl_crystalframer.cli.train import spread_lines
+
+    def runs(frame, values):
+        return [{"frame": frame, "test_mae": v, "seed": k} for k, v in enumerate(values)]
+
+    clear = spread_lines(runs("max", [0.080, 0.081, 0.079]) + runs("none", [0.090, 0.091, 0.089]))
+    assert clear[0].startswith("against frame max") and "frame none: +0.01" in clear[1] and "larger than" in clear[1]
+    noisy = spread_lines(runs("max", [0.080, 0.095, 0.070]) + runs("none", [0.085, 0.075, 0.092]))
+    assert "within the spread" in noisy[1]
+    assert spread_lines(runs("max", [0.08]) + runs("none", [0.09])) == []  # one seed: no spread to compare with

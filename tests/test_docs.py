@@ -167,3 +167,56 @@ def test_import_and_help_do_not_load_torch():
             "train; train.build_parser(); assert 'torch' not in sys.modules, 'torch loaded'; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+# Data flows one way (docs/ARCHITECTURE.md): a module imports only modules of a lower rank.
+RANK = {
+    "errors": 0, "targets": 1, "schedule": 1, "_openmp": 1, "_graphbolt": 1, "config": 2, "_dgl": 3, "basis": 3,
+    "structures": 4, "lattice": 5, "graph": 6, "sparse": 7, "batch": 8, "kernels": 8, "frames": 9, "nn": 10,
+    "model": 11, "sources": 12, "splits": 13, "graph_cache": 13, "data": 14, "checkpoint": 15, "plots": 15,
+    "distributed": 15, "training": 16, "predict": 17, "cli": 18, "hpo": 18, "bench": 18, "__main__": 19,
+}
+
+
+def _imports_of(path: Path, module: str) -> set:
+    """The package's top-level modules that ``module`` imports (relative or absolute)."""
+    import ast
+    from importlib.util import resolve_name
+
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = resolve_name("." * node.level + (node.module or ""), package) if node.level else node.module or ""
+            targets = [base] if node.module else [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        found |= {t.split(".")[1] for t in targets if t.startswith("dgl_crystalframer.")}
+    return found
+
+
+def test_no_module_imports_one_above_it():
+    pkg = REPO / "dgl_crystalframer"
+    for path in sorted(pkg.rglob("*.py")):
+        parts = path.with_suffix("").relative_to(pkg).parts
+        if parts == ("__init__",):
+            continue  # the package face imports everything, lazily
+        top = parts[0]
+        assert top in RANK, f"{path.relative_to(REPO)}: give it a rank in RANK (and docs/ARCHITECTURE.md)"
+        module = ".".join(("dgl_crystalframer",) + (parts[:-1] if parts[-1] == "__init__" else parts))
+        for dep in _imports_of(path, module) - {top, "__version__"}:
+            assert RANK[dep] < RANK[top], f"{path.relative_to(REPO)} imports {dep}, which is not below it"
+
+
+def test_the_wheel_installs_only_the_library():
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["dgl_crystalframer*"]
+    from setuptools import find_packages
+
+    found = find_packages(str(REPO), include=["dgl_crystalframer*"])
+    assert found and all(p.split(".")[0] == "dgl_crystalframer" for p in found)
+    assert {"benchmarks", "hpo"} & set(find_packages(str(REPO)))  # which exist in the checkout, as wrappers

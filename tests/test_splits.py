@@ -14,7 +14,7 @@ from dgl_crystalframer.splits import MEGNET_FIXED_SIZES, paper_split, paper_spli
 from datasets import HAVE_SHARED, SHARED
 
 
-def test_paper_split_sizes_match_spec():
+def test_paper_split_sizes_match_the_official_code():
     """The reference code's sizes for the usable entries of each JARVIS target (docs/METHOD.md 6):
     n_train = int(0.8 n), the one or two entries left over are unused."""
     assert paper_split_sizes(55723) == (44578, 5572, 5572)

@@ -10,7 +10,7 @@ explicitly, warm-up excluded, medians of repeats.  Prints a table and writes OUT
 
 - graph construction: crystals/s and edges per atom (default cutoff);
 - training: crystals/s of forward + backward + AdamW step at batch 64, per frame type;
-- inference: ms per crystal at batch 1 and at batch 256 (frame max);
+- inference: ms per crystal at batch 1 and at batch 256 (frame max, and frame none beside it);
 - peak RSS of a training process at batch 64, per frame type (one fresh subprocess each);
 - scaling: one training step on the same crystals as 1x, 2x, 4x, 8x supercells, and the
   log-log slope of time against the number of edges (1 = linear);
@@ -448,8 +448,11 @@ def format_report(perf: Dict[str, Any]) -> str:
         row(f"training, batch 64, frame {frame} (crystals/s)", v)
     for frame, v in perf["train_peak_rss_mb"].items():
         row(f"  peak RSS training, frame {frame} (MB, +steps)", f"{v['peak_rss_mb']:.0f} (+{v['peak_extra_mb']:.0f})", "{}")
-    row("inference, batch 1 (ms/crystal)", perf["infer_ms_batch1"], "{:.2f}")
-    row(f"inference, batch {perf['infer_batch']} (ms/crystal)", perf["infer_ms_batched"], "{:.2f}")
+    row("inference, batch 1, frame max (ms/crystal)", perf["infer_ms_batch1"], "{:.2f}")
+    row(f"inference, batch {perf['infer_batch']}, frame max (ms/crystal)", perf["infer_ms_batched"], "{:.2f}")
+    if "infer_none_ms_batch1" in perf:
+        row("inference, batch 1, frame none (ms/crystal)", perf["infer_none_ms_batch1"], "{:.2f}")
+        row(f"inference, batch {perf['infer_batch']}, frame none (ms/crystal)", perf["infer_none_ms_batched"], "{:.2f}")
     for r in perf.get("scaling", []):
         row(f"scaling {r['factor']}x supercells: {r['edges']} edges (s/step)", r["step_seconds"], "{:.3f}")
     row("scaling slope, log time vs log edges", perf.get("scaling_slope"), "{:.2f}")
@@ -554,6 +557,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
         perf["max_over_none"] = perf["train_crystals_per_s"]["none"] / perf["train_crystals_per_s"]["max"]
     print("inference ...", flush=True)
     perf.update(bench_inference(graphs, "max", n_single=30 if args.quick else 60, repeats=args.repeats))
+    if "none" in frames:  # the frames' fixed cost per call, side by side
+        none = bench_inference(graphs, "none", n_single=30 if args.quick else 60, repeats=args.repeats)
+        perf["infer_none_ms_batch1"], perf["infer_none_ms_batched"] = none["infer_ms_batch1"], none["infer_ms_batched"]
     if not args.no_reference:
         print("plain PyTorch reference ...", flush=True)
         perf.update(bench_reference(graphs, args.repeats))

@@ -181,6 +181,25 @@ def result_row(name: str, group: Sequence[Dict[str, Any]], published: str = "-")
 RESULT_HEADER = ("model", "published", "this run", "val MAE", "params", "epochs", "wall s")
 
 
+def spread_lines(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """Several frames, several seeds each: is each frame's gap to the best larger than the spread
+    between seeds?  (Difference of the mean test MAEs against twice its standard error.)"""
+    groups = {frame: stats(group) for frame, group in by_frame(results).items()}
+    if len(groups) < 2 or any(s["n"] < 2 for s in groups.values()):
+        return []
+    best = min(groups, key=lambda f: groups[f]["mean"])
+    b = groups[best]
+    lines = [f"against frame {best} (lowest mean test MAE), over seeds:"]
+    for frame, s in groups.items():
+        if frame != best:
+            diff = s["mean"] - b["mean"]
+            se = math.sqrt(s["std"] ** 2 / s["n"] + b["std"] ** 2 / b["n"])
+            verdict = "larger than" if diff > 2 * se else "within"
+            lines.append(f"  frame {frame}: +{fmt(diff, 2)} (standard error {fmt(se, 2)}), {verdict} the spread "
+                         "between seeds (2 standard errors)")
+    return lines
+
+
 def run_lines(results: Sequence[Dict[str, Any]]) -> List[str]:
     lines = []
     for frame, group in by_frame(results).items():
@@ -200,7 +219,7 @@ def format_results(results: Sequence[Dict[str, Any]]) -> str:
     lines = [f"Test MAE, {first['dataset']} / {first['target']}" + (f" ({unit})" if unit else "")]
     body = [result_row(FRAME_LABELS.get(frame, frame), group) for frame, group in by_frame(results).items()]
     body.append(["(predicting the train mean)", "-", fmt(first.get("test_mae_of_train_mean")), "", "", "", ""])
-    return "\n".join(lines + table(RESULT_HEADER, body) + run_lines(results))
+    return "\n".join(lines + table(RESULT_HEADER, body) + spread_lines(results) + run_lines(results))
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "dgl-crystalframer train",
@@ -217,4 +236,4 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "dgl-crystalframer tr
     return 0
 
 
-__all__ = ["FRAME_LABELS", "build_parser", "config_from_args", "format_results", "main", "run"]
+__all__ = ["FRAME_LABELS", "build_parser", "config_from_args", "format_results", "main", "run", "spread_lines"]
