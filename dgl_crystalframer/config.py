@@ -92,7 +92,7 @@ def model_config(preset: Optional[str] = None, **overrides: Any) -> ModelConfig:
 TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
     "smoke": dict(epochs=2, batch_size=16, num_layers=1, dim=32, num_heads=4, ffn_dim=64, num_angle_basis=8,
                   max_train=48, max_eval=32, schedule="cosine", lr=5e-4, warmup_steps=0),
-    "quick": dict(time_budget="12m", epochs=14, swa_epochs=3, batch_size=32, schedule="cosine", lr=2e-3,
+    "quick": dict(time_budget="12m", swa_epochs=3, batch_size=32, schedule="cosine", lr=2e-3,
                   warmup_steps=0),
     "paper": dict(schedule="paper", lr=5e-4, warmup_steps=0),
 }
