@@ -387,8 +387,9 @@ class Trainer:
                 plan = plan_steps(self.budget, self._elapsed(), self.step, per_step, self.steps_per_epoch, per_eval,
                                   old.seconds_final or 0.0, self.cfg.swa_fraction)
                 if self.step > old.swa_start_step:  # averaging has begun: it goes on from where it started
-                    plan.swa_start_step = min(old.swa_start_step, plan.total_steps)
-                plan.swa_start_step = max(plan.swa_start_step, self.step)
+                    plan.swa_start_step = old.swa_start_step
+                else:  # not yet: it cannot start in the past
+                    plan.swa_start_step = max(plan.swa_start_step, self.step)
                 if ahead and plan.total_steps <= old.total_steps:
                     plan = None
         if self.dist.world > 1:
