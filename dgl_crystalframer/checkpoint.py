@@ -4,15 +4,27 @@ A checkpoint is a dict ``{"format": "dgl_crystalframer/checkpoint", "version", "
 "meta": {...}}`` (plus ``train_state`` in ``last.pt``), readable with ``torch.load(weights_only=True)``.
 ``meta`` carries what predicting needs: the ``ModelConfig`` (``model_config``), the target name and
 unit, the ``normalizer`` (``targets.Normalizer``), the graph ``cutoff``, and the dataset and frame.
+``load_checkpoint`` also reads the authors' PyTorch Lightning checkpoints (``official.py``).
+
+Checkpoints are untrusted files: ``read_checkpoint`` unpickles with ``weights_only=True``, which
+builds tensors and plain containers only, plus the two containers Lightning may write into
+``hyper_parameters``, mapped to plain stand-ins by name (never imported).  Anything else is refused.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from . import official
+from .config import ModelConfig
+from .errors import ConfigError, UserError
 from .model import build_model
 from .sparse import resolve_device
 
@@ -38,27 +50,128 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Load any checkpoint this module writes (model.pt, best.pt, swa.pt, last.pt) -> (model in eval mode, meta).
+class CheckpointError(UserError):
+    """A file that is not a checkpoint this package can load (one line naming the file and what it is)."""
 
-    ``meta`` holds ``target``, ``unit``, ``normalizer`` ({"mean", "std"}: prediction in original
-    units = model(bg) * std + mean), ``cutoff`` (the graph cutoff the model was trained with),
-    ``model_config``, ``dataset``, ``frame``, ``kind`` and ``epoch``.
+
+class _AttributeDict(dict):
+    """Stand-in for Lightning's ``AttributeDict`` (a dict with attribute access) when unpickling."""
+
+
+# The only classes a checkpoint may ask for beyond tensors and plain containers: Lightning's
+# AttributeDict (under its three module paths) as a plain dict, and argparse.Namespace (harmless:
+# it only stores attributes).  The official train.py saves a plain dict (save_hyperparameters of
+# params.__dict__, stored as dict(hparams)), so these only cover other Lightning versions and scripts.
+SAFE_GLOBALS = [(_AttributeDict, name) for name in ("lightning_fabric.utilities.data.AttributeDict",
+                                                    "lightning.fabric.utilities.data.AttributeDict",
+                                                    "pytorch_lightning.utilities.parsing.AttributeDict")]
+SAFE_GLOBALS.append(argparse.Namespace)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The dict in a checkpoint file, unpickled without running code (``weights_only=True``).
+
+    Raises ``FileNotFoundError`` or ``CheckpointError`` with one line naming the file: a pickle
+    that asks for anything else than tensors and plain containers is refused, never executed.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable dgl_crystalframer checkpoint ({exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a dgl_crystalframer checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    model = build_model(ckpt["meta"]["model_config"])
-    model.load_state_dict(ckpt["model"])
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it asks to load {found.group(1)}" if found else f"it holds {_first_line(exc)}"
+        raise CheckpointError(f"{path}: refused, not a plain checkpoint: {what}, which could run code while "
+                              "loading (only tensors and plain containers are read)") from None
+    except Exception as exc:  # RuntimeError from the zip reader, EOFError, ...
+        raise CheckpointError(f"{path}: {_unreadable(p)}") from None
+    return _plain(obj)
+
+
+def _unreadable(p: Path) -> str:
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK") and not zipfile.is_zipfile(p):
+        return "a truncated or damaged PyTorch file (its zip directory is missing)"
+    if head.startswith(b"PK"):
+        return "a zip archive that is not a PyTorch checkpoint"
+    if head[:1] == b"\x80":
+        return "a truncated or damaged pickle"
+    return "not a PyTorch checkpoint file"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if "weights_only" not in line else type(exc).__name__  # torch's advice to unpickle unsafely: not ours
+
+
+def _plain(obj: Any) -> Any:
+    """The stand-ins (AttributeDict, Namespace) of the file and of its ``hyper_parameters`` -> plain dicts."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if type(obj) is _AttributeDict:
+        obj = dict(obj)
+    if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), (argparse.Namespace, _AttributeDict)):
+        obj["hyper_parameters"] = _plain(obj["hyper_parameters"])
+    return obj
+
+
+def describe(obj: Any) -> str:
+    """What a loaded object that is not a checkpoint of ours looks like, for the error line."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}, not a checkpoint dict"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return (f"a bare state_dict ({len(obj)} tensors) without the model's settings; load it into a model you "
+                "build yourself, or convert the checkpoint it came from")
+    if all(k in obj for k in official.LIGHTNING_KEYS):
+        hp = obj.get("hyper_parameters") or {}
+        name = hp.get("encoder_name") if isinstance(hp, dict) else None
+        return f"a PyTorch Lightning checkpoint of another model (encoder_name={name!r}), not the official CrystalFramer"
+    keys = ", ".join(map(str, list(obj)[:5]))
+    return f"a dict without the '{CHECKPOINT_FORMAT}' or Lightning markers (keys: {keys}{', ...' if len(obj) > 5 else ''})"
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu", *, weights: Optional[str] = None,
+                    overrides: Optional[Mapping[str, Any]] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Load a checkpoint -> (model in eval mode, meta): one this module writes (model.pt, best.pt,
+    swa.pt, last.pt) or an official CrystalFramer PyTorch Lightning checkpoint (``.ckpt``).
+
+    ``meta`` holds ``target``, ``unit``, ``normalizer`` ({"mean", "std"}: prediction in original
+    units = model(bg) * std + mean), ``cutoff`` (the graph cutoff the model was trained with),
+    ``model_config``, ``dataset``, ``frame``, ``kind`` and ``epoch`` (official checkpoints add
+    ``official``: which weights, the overrides, the official settings).
+
+    ``weights`` (official checkpoints): ``"swa"``, the weight average (default when present), or
+    ``"model"``, the live weights.  ``overrides``: settings applied over the checkpoint's own, by the
+    official names for official checkpoints (e.g. ``{"value_pe_angle_coef": 4.0}``), by ``ModelConfig``
+    field names for ours (those that keep the weights' shapes, e.g. ``c_angl``, ``symmetrize_ties``).
+    """
+    ckpt = read_checkpoint(path)
+    if official.is_official(ckpt):
+        model, meta = official.convert(ckpt, label=str(path), weights=weights, overrides=overrides)
+    elif isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        if weights is not None:
+            raise ConfigError(f"{path}: weights={weights!r} applies to official checkpoints; ours hold one set each")
+        meta = dict(ckpt["meta"])
+        config = dict(meta["model_config"])
+        unknown = [k for k in (overrides or {}) if k not in ModelConfig.__dataclass_fields__]
+        if unknown:
+            raise ConfigError(f"override {unknown[0]!r} is not a ModelConfig field")
+        config.update(overrides or {})
+        model = build_model(config)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: its weights do not fit the model ({_first_line(exc)})") from None
+        meta["model_config"] = model.config.as_dict()
+    else:
+        raise CheckpointError(f"{path}: {describe(ckpt)}")
     model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
-    return model, dict(ckpt["meta"])
+    return model, meta
 
 
 def make_checkpoint(kind: str, model_state: Dict[str, Any], meta: Dict[str, Any], epoch: int,
@@ -70,5 +183,5 @@ def make_checkpoint(kind: str, model_state: Dict[str, Any], meta: Dict[str, Any]
     return ckpt
 
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "atomic_torch_save", "atomic_write_text", "load_checkpoint",
-           "make_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "SAFE_GLOBALS", "atomic_torch_save",
+           "atomic_write_text", "describe", "load_checkpoint", "make_checkpoint", "read_checkpoint"]

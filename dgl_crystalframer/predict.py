@@ -48,14 +48,16 @@ def expand_inputs(inputs: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str
 
 
 class Predictor:
-    """A trained model from a checkpoint of :mod:`dgl_crystalframer.training`, ready to predict."""
+    """A trained model from a checkpoint of :mod:`dgl_crystalframer.training` or an official
+    CrystalFramer ``.ckpt``, ready to predict (``weights``, ``overrides``: see ``load_checkpoint``)."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", batch_size: int = 64, backend: Optional[str] = None):
+    def __init__(self, checkpoint: str, device: str = "auto", batch_size: int = 64, backend: Optional[str] = None,
+                 weights: Optional[str] = None, overrides: Optional[dict] = None):
         self.device = sparse.resolve_device(device)
         if backend is not None:
             sparse.set_backend(backend)
         self.backend = sparse.select_backend(self.device)
-        self.model, self.meta = load_checkpoint(checkpoint, device=self.device)
+        self.model, self.meta = load_checkpoint(checkpoint, device=self.device, weights=weights, overrides=overrides)
         self.batch_size = int(batch_size)
         self.normalizer = Normalizer.from_dict(self.meta["normalizer"])
         self.cutoff = self.meta.get("cutoff")

@@ -2,6 +2,7 @@
 
     train       train and evaluate a model (dataset, target, frame type, schedule)
     predict     predict properties of structure files with a trained checkpoint
+    convert     an official CrystalFramer checkpoint (.ckpt) -> this package's format
     hpo         an Optuna sweep over frame type, layers and other settings (needs the [hpo] extra)
     report      tables, best_config.yaml and plots of a sweep
     perf        speed, memory and scaling figures (CPU, or a GPU with --device cuda)
@@ -21,6 +22,7 @@ from typing import List, Optional
 COMMANDS = {
     "train": ("dgl_crystalframer.cli.train", "main", "train and evaluate a model"),
     "predict": ("dgl_crystalframer.cli.predict", "main", "predict properties of structure files with a checkpoint"),
+    "convert": ("dgl_crystalframer.cli.convert", "main", "an official CrystalFramer .ckpt -> this package's checkpoint"),
     "hpo": ("dgl_crystalframer.hpo.cli", "main_sweep", "Optuna sweep over frame type, layers, ... (needs [hpo])"),
     "report": ("dgl_crystalframer.hpo.cli", "main_report", "tables, best_config.yaml and plots of a sweep"),
     "perf": ("dgl_crystalframer.bench.perf", "main", "speed, memory and scaling figures"),

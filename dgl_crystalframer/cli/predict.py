@@ -14,6 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..config import BACKENDS
+from .convert import add_checkpoint_options
 
 
 def build_parser(prog: str = "dgl-crystalframer predict") -> argparse.ArgumentParser:
@@ -21,12 +22,14 @@ def build_parser(prog: str = "dgl-crystalframer predict") -> argparse.ArgumentPa
                                 "on stdout; unreadable files get an error line on stderr and the rest are still predicted.")
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER",
                    help="structure files (CIF, POSCAR/CONTCAR/.vasp, pymatgen JSON, ...) and/or folders of them")
-    p.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by training (model.pt, best.pt, swa.pt or last.pt)")
+    p.add_argument("--checkpoint", "-c", required=True, help="a checkpoint written by training (model.pt, best.pt, swa.pt "
+                   "or last.pt) or an official CrystalFramer .ckpt")
     p.add_argument("--out", "-o", help="also write the predictions to this CSV file")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="sparse operations: DGL's kernels or plain PyTorch (default: auto)")
     p.add_argument("--batch-size", type=int, default=64, help="crystals per inference batch (default 64)")
+    add_checkpoint_options(p)
     return p
 
 
@@ -38,7 +41,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "dgl-crystalframer pr
     from ..predict import Predictor, error_line  # torch and DGL load here, not for --help
 
     try:
-        predictor = Predictor(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend)
+        predictor = Predictor(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend,
+                              weights=args.weights, overrides=dict(args.override))
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
