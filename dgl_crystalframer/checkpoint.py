@@ -54,15 +54,12 @@ class CheckpointError(UserError):
     """A file that is not a checkpoint this package can load (one line naming the file and what it is)."""
 
 
-class _AttributeDict(dict):
-    """Stand-in for Lightning's ``AttributeDict`` (a dict with attribute access) when unpickling."""
-
-
 # The only classes a checkpoint may ask for beyond tensors and plain containers: Lightning's
-# AttributeDict (under its three module paths) as a plain dict, and argparse.Namespace (harmless:
-# it only stores attributes).  The official train.py saves a plain dict (save_hyperparameters of
-# params.__dict__, stored as dict(hparams)), so these only cover other Lightning versions and scripts.
-SAFE_GLOBALS = [(_AttributeDict, name) for name in ("lightning_fabric.utilities.data.AttributeDict",
+# AttributeDict (a dict with attribute access; under its three module paths), built as a plain dict,
+# and argparse.Namespace (harmless: it only stores attributes).  The official train.py saves a plain
+# dict (save_hyperparameters of params.__dict__, stored as dict(hparams)), so these only cover
+# other Lightning versions and scripts.
+SAFE_GLOBALS = [(dict, name) for name in ("lightning_fabric.utilities.data.AttributeDict",
                                                     "lightning.fabric.utilities.data.AttributeDict",
                                                     "pytorch_lightning.utilities.parsing.AttributeDict")]
 SAFE_GLOBALS.append(argparse.Namespace)
@@ -80,19 +77,28 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"it asks to load {found.group(1)}" if found else f"it holds {_first_line(exc)}"
+    except Exception as exc:  # UnpicklingError, RuntimeError from the zip reader, EOFError, ...
+        # the weights-only unpickler names what it would not build
+        # ("Unsupported global: GLOBAL x.y ...", "Trying to load unsupported GLOBAL x.y ...")
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        refused = isinstance(exc, pickle.UnpicklingError) and (
+            found is not None or "Unsupported" in text and _head(p)[:2] in (b"PK", b"\x80\x02"))
+        if not refused:
+            raise CheckpointError(f"{path}: {_unreadable(p)}") from None
+        what = f"it asks to load {found.group(1)}" if found else "it uses pickle operations beyond plain data"
         raise CheckpointError(f"{path}: refused, not a plain checkpoint: {what}, which could run code while "
                               "loading (only tensors and plain containers are read)") from None
-    except Exception as exc:  # RuntimeError from the zip reader, EOFError, ...
-        raise CheckpointError(f"{path}: {_unreadable(p)}") from None
     return _plain(obj)
 
 
-def _unreadable(p: Path) -> str:
+def _head(p: Path) -> bytes:
     with open(p, "rb") as f:
-        head = f.read(4)
+        return f.read(4)
+
+
+def _unreadable(p: Path) -> str:
+    head = _head(p)
     if head.startswith(b"PK") and not zipfile.is_zipfile(p):
         return "a truncated or damaged PyTorch file (its zip directory is missing)"
     if head.startswith(b"PK"):
@@ -109,13 +115,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _plain(obj: Any) -> Any:
-    """The stand-ins (AttributeDict, Namespace) of the file and of its ``hyper_parameters`` -> plain dicts."""
+    """A Namespace (the file's object or its ``hyper_parameters``) -> a plain dict."""
     if isinstance(obj, argparse.Namespace):
         obj = vars(obj)
-    if type(obj) is _AttributeDict:
-        obj = dict(obj)
-    if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), (argparse.Namespace, _AttributeDict)):
-        obj["hyper_parameters"] = _plain(obj["hyper_parameters"])
+    if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), argparse.Namespace):
+        obj["hyper_parameters"] = vars(obj["hyper_parameters"])
     return obj
 
 

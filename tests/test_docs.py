@@ -54,11 +54,13 @@ def _parser_for(words):
     """(parser, arguments) of a README command line, or None for lines that are not ours."""
     from dgl_crystalframer.bench import invariance, perf
     from dgl_crystalframer.cli import COMMANDS
+    from dgl_crystalframer.cli import convert as convert_cli
     from dgl_crystalframer.cli import predict as predict_cli
     from dgl_crystalframer.cli import train as train_cli
     from dgl_crystalframer.hpo import cli as hpo_cli
 
-    parsers = {"train": train_cli.build_parser, "predict": predict_cli.build_parser, "hpo": hpo_cli.sweep_parser,
+    parsers = {"train": train_cli.build_parser, "predict": predict_cli.build_parser, "convert": convert_cli.build_parser,
+               "hpo": hpo_cli.sweep_parser,
                "report": hpo_cli.report_parser, "perf": perf.build_parser, "invariance": invariance.build_parser}
     assert set(parsers) == set(COMMANDS)
     if "torchrun" in words[:1]:
@@ -173,7 +175,7 @@ def test_import_and_help_do_not_load_torch():
 RANK = {
     "errors": 0, "targets": 1, "schedule": 1, "_openmp": 1, "_graphbolt": 1, "config": 2, "_dgl": 3, "basis": 3,
     "structures": 4, "lattice": 5, "graph": 6, "sparse": 7, "batch": 8, "kernels": 8, "frames": 9, "nn": 10,
-    "model": 11, "sources": 12, "splits": 13, "graph_cache": 13, "data": 14, "checkpoint": 15, "plots": 15,
+    "model": 11, "sources": 12, "splits": 13, "graph_cache": 13, "data": 14, "official": 14, "checkpoint": 15, "plots": 15,
     "distributed": 15, "training": 16, "predict": 17, "cli": 18, "hpo": 18, "bench": 18, "__main__": 19,
 }
 
