@@ -55,7 +55,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "dgl-crystalframer co
     c = meta["model_config"]
     print(f"{args.out}: {c['frame']} frames, {c['num_layers']} blocks, d={c['dim']}, {model.num_parameters():,} parameters; "
           f"target {meta['target']} ({meta['unit'] or 'unit unknown'}), normaliser mean {meta['normalizer']['mean']:.6g} "
-          f"std {meta['normalizer']['std']:.6g}, cutoff {meta['cutoff']:.4g} A", file=sys.stderr)
+          f"std {meta['normalizer']['std']:.6g}, cutoff {meta['cutoff']:.4g} A, c_dist {c['c_dist']:g}, "
+          f"c_angl {c['c_angl']:g}" + ("" if c["frame"] != "none" else " (unused)"), file=sys.stderr)
     return 0
 
 
