@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from . import sparse
 from .basis import default_cutoff
 from .batch import collate_for, to_device
-from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint
+from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint, read_checkpoint
 from .config import RUNTIME_FIELDS, TrainConfig
 from .errors import ConfigError, DataError, TrainingDiverged
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
@@ -274,7 +274,7 @@ class Trainer:
         if not path.is_file():
             self._log(f"resume: no checkpoint at {path}; starting from scratch")
             return
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)  # weights only; a damaged file is one line (CheckpointError)
         old = ckpt.get("train_state", {}).get("config", {})
         now = _plain(asdict(self.cfg))
         missing = [k for k in now if k not in RUNTIME_FIELDS and k not in old]
