@@ -66,11 +66,12 @@ REQUIRED: Dict[str, Tuple[Tuple[Any, ...], str]] = {
     "value_pe_dist_wscale": ((1.0,), "another width of the distance Gaussians"),
     "gauss_lb_real": ((B.B,), "another lower bound b of rho (docs/METHOD.md 2.1)"),
     "positive_func_beta": ((B.BETA,), "another slope beta of rho (docs/METHOD.md 2.1)"),
-    "scale_grad": ((0.0, 0), "gradient rescaling by species frequency"),
 }
 # Settings that only steer the official CUDA kernels' sums (box of cells per atom, random tie noise):
-# this package truncates at a sphere and breaks ties deterministically (docs/METHOD.md 8).
-IGNORED = ("lattice_range", "minimum_range", "symm_break_noise", "reproduciblity_state", "use_cuda_code")
+# this package truncates at a sphere and breaks ties deterministically (docs/METHOD.md 8); and
+# scale_grad, which rescales gradients only (training, like the learning rate).  The reciprocal-space
+# settings (gauss_lb_reci, scale_reci, value_pe_*_reci) are unused with domain "real".
+IGNORED = ("lattice_range", "minimum_range", "symm_break_noise", "reproduciblity_state", "use_cuda_code", "scale_grad")
 
 # official frame_method -> our frame type (frames exist only where value_pe_angle_real > 0)
 FRAME_METHODS = {"max": "max", "max_static": "static_local", "weighted_pca": "weighted_pca", "lattice": "lattice",
@@ -289,12 +290,22 @@ def convert(ckpt: Dict[str, Any], label: str = "checkpoint", weights: Optional[s
     weights).  ``overrides``: official setting names -> values applied over the checkpoint's own.
     """
     hp = settings(ckpt["hyper_parameters"], overrides)
-    config, cutoff = convert_settings(hp)
+    try:
+        config, cutoff = convert_settings(hp)
+    except OfficialCheckpointError as exc:
+        raise OfficialCheckpointError(f"{label}: {exc}") from None
     state = ckpt["state_dict"]
+    # AveragedModel copies the model when training starts and averages from swa_epochs before the end
+    # on: a checkpoint saved before that (a best-epoch one) holds the initial weights under swa_model.
+    averaged = int(state["swa_model.n_averaged"]) if "swa_model.n_averaged" in state else None
+    has_swa = any(k.startswith(WEIGHT_PREFIXES["swa"]) for k in state)
     if weights is None:
-        weights = "swa" if any(k.startswith(WEIGHT_PREFIXES["swa"]) for k in state) else "model"
+        weights = "swa" if has_swa and averaged != 0 else "model"
     if weights not in WEIGHT_PREFIXES:
         raise ConfigError(f"weights must be {' or '.join(WEIGHT_PREFIXES)}, got {weights!r}")
+    if weights == "swa" and averaged == 0:
+        raise OfficialCheckpointError(f"{label}: its weight average was never updated (swa_model.n_averaged 0, "
+                                      "saved before the averaging epochs): use the live weights (weights='model')")
     prefix = WEIGHT_PREFIXES[weights]
     chosen = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not chosen:
@@ -312,12 +323,11 @@ def convert(ckpt: Dict[str, Any], label: str = "checkpoint", weights: Optional[s
     model.load_state_dict(_convert_state(chosen, model.state_dict(), hp, config.frame, label))
     model.eval()
     target, unit, dataset = _target(hp)
-    n_averaged = state.get("swa_model.n_averaged")
     meta = {
         "model_config": config.as_dict(), "target": target, "unit": unit, "cutoff": cutoff,
         "normalizer": {"mean": float(state["target_mean"].reshape(-1)[0]), "std": float(state["target_std"].reshape(-1)[0])},
         "dataset": dataset, "frame": config.frame, "kind": "official", "epoch": ckpt.get("epoch"), "val_mae": None,
-        "official": {"weights": weights, "n_averaged": int(n_averaged) if n_averaged is not None else None,
+        "official": {"weights": weights, "n_averaged": averaged,
                      "overrides": dict(overrides or {}), "targets": hp["targets"], "target_set": hp.get("target_set"),
                      "frame_method": hp["frame_method"], "lightning_version": ckpt.get("pytorch-lightning_version"),
                      "settings": {k: hp[k] for k in sorted(set(REQUIRED) | set(IGNORED) | {

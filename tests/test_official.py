@@ -208,6 +208,36 @@ def test_a_setting_we_lack_stops_the_load_naming_it(tmp_path, name, value):
         official.convert(ckpt)
 
 
+def test_a_setting_we_lack_is_one_line_and_status_2_on_the_command_line(tmp_path, capsys):
+    ckpt = read_checkpoint(CKPT)
+    ckpt["hyper_parameters"]["domain"] = "reci"
+    torch.save(ckpt, tmp_path / "reci.ckpt")
+    rc, _, err = _cli(capsys, "predict", "--checkpoint", str(tmp_path / "reci.ckpt"), str(tmp_path / "reci.ckpt"))
+    assert rc == 2 and err == (f"error: {tmp_path / 'reci.ckpt'}: official setting domain='reci' is not supported "
+                               "(reciprocal-space or multi-domain attention)\n")
+
+
+def test_weight_average_never_updated_is_not_taken():
+    """A checkpoint saved before the averaging epochs (a best-epoch one) holds the initial weights
+    under swa_model: the live weights are the default then, and asking for the average stops."""
+    ckpt = _synthetic("crystalformer", "max")
+    ckpt["state_dict"]["swa_model.n_averaged"] = torch.tensor(0)
+    assert official.convert(ckpt)[1]["official"]["weights"] == "model"
+    with pytest.raises(official.OfficialCheckpointError, match="never updated"):
+        official.convert(ckpt, weights="swa")
+
+
+def test_sigma_normaliser_never_recorded_stops_the_load():
+    ckpt = _synthetic("crystalformer", "max")
+    ckpt["state_dict"]["swa_model.module.encoder.layers.3.self_attn.gauss_scale"] = torch.zeros(2)
+    with pytest.raises(official.OfficialCheckpointError, match="gauss_scale"):
+        official.convert(ckpt)
+    ckpt["hyper_parameters"]["normalize_gauss"] = False  # no normaliser at all: the identity
+    model, _ = official.convert(ckpt)
+    attn = model.blocks[3].attn
+    assert float(attn.sigma_scale) == 1.0 and float(attn.sigma_shift) == 0.0 and bool(attn.sigma_initialized)
+
+
 def _cli(capsys, *argv):
     rc = cli_main(list(argv))
     out, err = capsys.readouterr()
