@@ -7,8 +7,9 @@ unit, the ``normalizer`` (``targets.Normalizer``), the graph ``cutoff``, and the
 ``load_checkpoint`` also reads the authors' PyTorch Lightning checkpoints (``official.py``).
 
 Checkpoints are untrusted files: ``read_checkpoint`` unpickles with ``weights_only=True``, which
-builds tensors and plain containers only, plus the two containers Lightning may write into
-``hyper_parameters``, mapped to plain stand-ins by name (never imported).  Anything else is refused.
+builds tensors and plain containers only, plus what Lightning may write into ``hyper_parameters``
+(its AttributeDict, read as a dict by name and never imported; argparse.Namespace; numpy scalars).
+Anything else is refused.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import official
@@ -63,6 +65,10 @@ SAFE_GLOBALS = [(dict, name) for name in ("lightning_fabric.utilities.data.Attri
                                                     "lightning.fabric.utilities.data.AttributeDict",
                                                     "pytorch_lightning.utilities.parsing.AttributeDict")]
 SAFE_GLOBALS.append(argparse.Namespace)
+# numpy scalars (a logged metric in hyper_parameters, say): rebuilt from a dtype and raw bytes
+_np_scalar = getattr(getattr(np, "_core", np.core), "multiarray").scalar
+SAFE_GLOBALS += [(_np_scalar, "numpy.core.multiarray.scalar"), (_np_scalar, "numpy._core.multiarray.scalar"), np.dtype]
+SAFE_GLOBALS += [type(np.dtype(code)) for code in ("f8", "f4", "i8", "i4", "b1")]  # the dtypes they carry
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
@@ -83,7 +89,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
         refused = isinstance(exc, pickle.UnpicklingError) and (
-            found is not None or "Unsupported" in text and _head(p)[:2] in (b"PK", b"\x80\x02"))
+            found is not None or zipfile.is_zipfile(p) or _head(p)[:2] == b"\x80\x02")
         if not refused:
             raise CheckpointError(f"{path}: {_unreadable(p)}") from None
         what = f"it asks to load {found.group(1)}" if found else "it uses pickle operations beyond plain data"
@@ -115,11 +121,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _plain(obj: Any) -> Any:
-    """A Namespace (the file's object or its ``hyper_parameters``) -> a plain dict."""
+    """A Namespace (the file's object or its ``hyper_parameters``) -> a plain dict; numpy scalars
+    in ``hyper_parameters`` -> Python numbers."""
     if isinstance(obj, argparse.Namespace):
         obj = vars(obj)
     if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), argparse.Namespace):
         obj["hyper_parameters"] = vars(obj["hyper_parameters"])
+    if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), dict):
+        obj["hyper_parameters"] = {k: v.item() if isinstance(v, np.generic) else v for k, v in obj["hyper_parameters"].items()}
     return obj
 
 

@@ -309,8 +309,8 @@ def test_untrusted_files_are_refused_with_one_line(tmp_path, capsys, monkeypatch
 
 
 def test_lightning_containers_load_as_plain_dicts(tmp_path):
-    """Lightning's AttributeDict (by name, never imported) and argparse.Namespace are the only
-    classes a checkpoint may carry besides tensors."""
+    """Lightning's AttributeDict (by name, never imported), argparse.Namespace and numpy scalars are
+    the only classes a checkpoint may carry besides tensors."""
     import sys
     import types
 
@@ -336,6 +336,10 @@ def test_lightning_containers_load_as_plain_dicts(tmp_path):
     load_checkpoint(tmp_path / "attrdict.ckpt")
     import argparse
 
+    import numpy as np
+
+    ckpt["hyper_parameters"]["model_dim"] = np.int64(24)
+    ckpt["hyper_parameters"]["hp/avr50"] = np.float64(0.25)  # a logged metric, say
     ckpt["hyper_parameters"] = argparse.Namespace(**ckpt["hyper_parameters"])
     torch.save(ckpt, tmp_path / "namespace.ckpt")
     assert load_checkpoint(tmp_path / "namespace.ckpt")[1]["model_config"]["dim"] == 24
