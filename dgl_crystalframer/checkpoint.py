@@ -8,11 +8,14 @@ unit, the ``normalizer`` (``targets.Normalizer``), the graph ``cutoff``, and the
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .errors import CheckpointError
 from .model import build_model
 from .sparse import resolve_device
 
@@ -51,14 +54,51 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Tuple[torc
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable dgl_crystalframer checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path} is not a readable dgl_crystalframer checkpoint ({load_error_reason(exc)})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a dgl_crystalframer checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+        raise CheckpointError(f"{path} is not a dgl_crystalframer checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     model = build_model(ckpt["meta"]["model_config"])
     model.load_state_dict(ckpt["model"])
     model.to(resolve_device(device) if isinstance(device, str) else device)
     model.eval()
     return model, dict(ckpt["meta"])
+
+
+def read_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """The dict of a checkpoint this module wrote (``last.pt`` for a resume included), read safely.
+
+    Every failure is one ``CheckpointError`` naming the file and why (``load_error_reason``);
+    a missing file is a ``FileNotFoundError``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: {load_error_reason(exc)}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a dgl_crystalframer checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    return ckpt
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words.  Never torch's own advice to
+    load with ``weights_only=False``: a checkpoint may come from anywhere, and that runs its code."""
+    text = str(exc)
+    refused = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", text, re.I)
+    if refused:
+        return f"it refers to {refused.group(1)}, which safe loading does not allow"
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return f"the file is damaged or truncated ({text.split('.')[0].strip()})"
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
+        return "not a PyTorch checkpoint (its bytes are not a readable PyTorch file)"
+    if isinstance(exc, OSError):
+        return f"cannot read it ({exc.strerror or type(exc).__name__}); the file is damaged or truncated"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else f"unreadable ({type(exc).__name__})"
 
 
 def make_checkpoint(kind: str, model_state: Dict[str, Any], meta: Dict[str, Any], epoch: int,
@@ -71,4 +111,4 @@ def make_checkpoint(kind: str, model_state: Dict[str, Any], meta: Dict[str, Any]
 
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "atomic_torch_save", "atomic_write_text", "load_checkpoint",
-           "make_checkpoint"]
+           "load_error_reason", "make_checkpoint", "read_checkpoint"]

@@ -34,6 +34,11 @@ _Z_OF_SYMBOL = {s: z for z, s in enumerate(_SYMBOLS, start=1)}
 assert len(_SYMBOLS) == NUM_SPECIES
 
 
+def element_symbol(z: int) -> str:
+    """The element symbol of atomic number ``z`` (1..98)."""
+    return _SYMBOLS[int(z) - 1]
+
+
 @dataclass
 class CrystalArrays:
     """A crystal as plain arrays (float64 unless noted).
@@ -244,5 +249,5 @@ def validate_arrays(arrays: CrystalArrays) -> None:
         raise StructureError(f"{name}: degenerate lattice (|det| = {volume:.3g} A^3 < {MIN_VOLUME:g})")
 
 
-__all__ = ["CrystalArrays", "MIN_DISTANCE", "MIN_VOLUME", "NUM_SPECIES", "StructureError", "parse_structure_text",
+__all__ = ["CrystalArrays", "MIN_DISTANCE", "element_symbol", "MIN_VOLUME", "NUM_SPECIES", "StructureError", "parse_structure_text",
            "read_structure_file", "structure_from_record", "structure_to_arrays", "validate_arrays"]
