@@ -175,3 +175,13 @@ def test_dropped_rows_are_shown_and_counted_and_a_damaged_resume_is_one_line(sma
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: cannot resume") and f"{out / 'last.pt'}:" in error and "delete" in error
+
+
+def test_help_gives_each_presets_learning_rate():
+    from dgl_crystalframer.config import TRAIN_PRESETS, TrainConfig
+
+    text = " ".join(train_cli.build_parser().format_help().split())
+    for name in TRAIN_PRESETS:
+        lr = TrainConfig(preset=name).resolved().lr
+        assert f"{name} {lr:.0e}".replace("e-0", "e-") in text
+    assert "quick 2e-3" in text

@@ -45,6 +45,7 @@ def test_readme_python_snippet_runs(index, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, f"README snippet {index}:\n{PYTHON_BLOCKS[index]}\n{proc.stderr[-3000:]}"
+    assert "np.float64(" not in proc.stdout, proc.stdout  # what it prints reads as numbers
 
 
 # ------------------------------------------------------------------------------ README: commands

@@ -301,3 +301,13 @@ def test_a_killed_run_is_not_overwritten_without_resume(small_data, tmp_path):
     assert res["epochs"] == 2 and load_checkpoint(str(out / "last.pt"))[1]["epoch"] == 2
     again = train_and_evaluate(tiny_config(small_data, out, epochs=2))  # a finished run may be run again
     assert again["test_mae"] == res["test_mae"]
+
+
+def test_parity_plot_names_the_source_of_the_true_values(small_data, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    labels = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: labels.update({Path(path).name: fig.axes[0].get_xlabel()}))
+    train_and_evaluate(tiny_config(small_data, tmp_path / "p", epochs=1, plots=True))
+    assert labels["parity.png"] == "true e_form"  # the user's own data: not "DFT"
