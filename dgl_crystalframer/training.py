@@ -288,8 +288,8 @@ class Trainer:
             if not isinstance(ckpt.get("train_state"), dict):
                 raise CheckpointError(f"{path}: not a resume checkpoint (no training state)")
         except CheckpointError as exc:
-            raise CheckpointError(f"cannot resume: {exc}; delete {path} to train from scratch (or run without "
-                                  "--resume into another --out)") from exc
+            raise CheckpointError(f"cannot resume: {exc}; to train from scratch, delete {path} or rerun with "
+                                  "--overwrite instead of --resume") from exc
         old = ckpt["train_state"].get("config", {})
         now = _plain(asdict(self.cfg))
         missing = [k for k in now if k not in RUNTIME_FIELDS and k not in old]
