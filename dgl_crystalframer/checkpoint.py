@@ -94,7 +94,7 @@ def load_error_reason(exc: BaseException) -> str:
     if "PytorchStreamReader" in text or "zip archive" in text:
         return f"the file is damaged or truncated ({text.split('.')[0].strip()})"
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
-        return "not a PyTorch checkpoint (its bytes are not a readable PyTorch file)"
+        return "not a PyTorch file"
     if isinstance(exc, OSError):
         return f"cannot read it ({exc.strerror or type(exc).__name__}); the file is damaged or truncated"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]

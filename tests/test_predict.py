@@ -6,6 +6,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,10 +104,18 @@ def test_nothing_predictable_and_bad_checkpoints_exit_2_with_one_line(trained, t
     random_file.write_bytes(np.random.default_rng(0).bytes(4000))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(trained["ckpt"].read_bytes()[:5000])
-    for bad in (random_file, truncated):
+    crafted = tmp_path / "crafted.pt"  # a pickle that would run a command when loaded unsafely
+    torch.save(_RunsACommand(), crafted)
+    for bad, why in ((random_file, "not a PyTorch file"), (truncated, "damaged or truncated"),
+                     (crafted, "posix.system, which safe loading does not allow")):
         proc = _predict("--checkpoint", str(bad), str(trained["files"][0]))
         line = one_error_line(proc)
-        assert str(bad) in line and "weights_only" not in proc.stderr, proc.stderr
+        assert str(bad) in line and why in line and "weights_only" not in proc.stderr, proc.stderr
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("true",))
 
 
 def _old_checkpoint(src: Path, dst: Path, **meta) -> Path:
