@@ -26,7 +26,7 @@ import torch
 
 from . import official
 from .config import ModelConfig
-from .errors import ConfigError, UserError
+from .errors import CheckpointError, ConfigError
 from .model import build_model
 from .sparse import resolve_device
 
@@ -50,10 +50,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-class CheckpointError(UserError):
-    """A file that is not a checkpoint this package can load (one line naming the file and what it is)."""
 
 
 # The only classes a checkpoint may ask for beyond tensors and plain containers: Lightning's

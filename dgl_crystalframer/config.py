@@ -100,7 +100,7 @@ REPORTED_MODELS = ("swa", "best", "final")
 JARVIS_DATASETS = ("dft_3d_2021",)
 DEFAULT_DATASET = "megnet_sample"
 # Fields that may differ between an interrupted run and its resumption.
-RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "progress", "plots", "data_dir",
+RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "overwrite", "progress", "plots", "data_dir",
                   "cache_dir", "reported_model")
 
 
@@ -154,6 +154,7 @@ class _RunSettings:
     num_workers: int = 0
     out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
     resume: bool = False
+    overwrite: bool = False  # start over in an out_dir that holds an unfinished run (its last.pt)
     progress: bool = True
     plots: bool = True
 

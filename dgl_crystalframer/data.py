@@ -103,8 +103,9 @@ def load_dataset(
         usable = [(e, math.log10(v)) for e, v in usable if v > 0]
     if skipped:
         what = f"targets {joint}" if len(joint) > 1 else f"target {key!r}"
-        logger.info("%s: skipped %d of %d entries whose %s is missing, NaN, inf or 'na' (first: %s)",
-                    src.label, len(skipped), len(src.entries), what, ", ".join(skipped[:5]))
+        # WARNING: shown by the command line without any logging set-up (Python's last-resort handler)
+        logger.warning("%s: skipped %d of %d entries whose %s is missing, NaN, inf, 'na' or not a number "
+                       "(first: %s)", src.label, len(skipped), len(src.entries), what, ", ".join(skipped[:5]))
         for sid in skipped:
             logger.debug("%s: skipped %s: missing or non-finite target", src.label, sid)
     if not usable:
@@ -147,6 +148,7 @@ def load_dataset(
         "sizes": {s: len(d) for s, d in datasets.items()},
         "n_entries": len(src.entries),
         "n_skipped_target": len(skipped),
+        "skipped_ids": skipped,
         "n_failed": len(failed),
         "failed": failed,
         "n_unassigned": sum(1 for s in assignment if s is None),

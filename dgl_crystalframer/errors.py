@@ -18,6 +18,10 @@ class DataError(UserError):
     """A dataset that cannot be used as asked (no such target, a missing column, an empty split...)."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used (damaged, truncated, not a checkpoint, refused by safe loading)."""
+
+
 class DeviceError(UserError, RuntimeError):
     """A device or sparse backend this installation cannot use (no GPU, no CUDA build of DGL...)."""
 
@@ -26,4 +30,4 @@ class TrainingDiverged(UserError, FloatingPointError):
     """The loss or the gradient became NaN or infinite (a learning rate too high, bad targets)."""
 
 
-__all__ = ["ConfigError", "DataError", "DeviceError", "StructureError", "TrainingDiverged", "UserError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DeviceError", "StructureError", "TrainingDiverged", "UserError"]

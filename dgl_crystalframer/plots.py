@@ -8,8 +8,9 @@ import numpy as np
 
 
 def write_plots(out_dir: Path, history: List[Dict[str, Any]], y_true: np.ndarray, y_pred: np.ndarray,
-                target: str, unit: str, title: str = "") -> None:
-    """``parity.png`` (test set) and ``learning_curve.png`` (train/val MAE per epoch) in ``out_dir``."""
+                target: str, unit: str, title: str = "", reference: str = "true") -> None:
+    """``parity.png`` (test set) and ``learning_curve.png`` (train/val MAE per epoch) in ``out_dir``;
+    ``reference`` names where the test values come from on the parity plot's x axis (e.g. "DFT")."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -23,7 +24,7 @@ def write_plots(out_dir: Path, history: List[Dict[str, Any]], y_true: np.ndarray
         lo, hi = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     mae = float(np.mean(np.abs(y_true - y_pred))) if len(y_true) else float("nan")
-    ax.set_xlabel(f"DFT {label}")
+    ax.set_xlabel(f"{reference} {label}")
     ax.set_ylabel(f"predicted {label}")
     ax.set_title(f"{title}\ntest MAE {mae:.4g}", fontsize=9)
     fig.tight_layout()

@@ -41,6 +41,8 @@ JARVIS_FILES = {
     "megnet": ("https://ndownloader.figshare.com/files/26724977", "megnet.json", "id"),
 }
 
+NAMED_DATASETS = ("megnet_sample", *JARVIS_FILES)  # DFT datasets; any other source is the user's own data
+
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 
 
@@ -357,5 +359,5 @@ def leaderboard_membership(task: str) -> Optional[Dict[str, str]]:
     return {str(i): s for s in SPLITS for i in data.get(s, {})}
 
 
-__all__ = ["Entry", "JARVIS_FILES", "OFFLINE_ENV", "SAMPLE_PATH", "SPLITS", "Source", "leaderboard_membership",
+__all__ = ["Entry", "JARVIS_FILES", "NAMED_DATASETS", "OFFLINE_ENV", "SAMPLE_PATH", "SPLITS", "Source", "leaderboard_membership",
            "norm_split", "open_source"]

@@ -34,6 +34,11 @@ _Z_OF_SYMBOL = {s: z for z, s in enumerate(_SYMBOLS, start=1)}
 assert len(_SYMBOLS) == NUM_SPECIES
 
 
+def element_symbol(z: int) -> str:
+    """The element symbol of atomic number ``z`` (1..98)."""
+    return _SYMBOLS[int(z) - 1]
+
+
 @dataclass
 class CrystalArrays:
     """A crystal as plain arrays (float64 unless noted).
@@ -124,8 +129,58 @@ def parse_structure_text(text: str, entry_id: Optional[str] = None, fmt: Optiona
     """CIF or POSCAR text -> validated ``CrystalArrays`` (format guessed when ``fmt`` is None)."""
     if fmt is None:
         fmt = "cif" if (re.search(r"^\s*data_", text, re.M) or "_cell_length_a" in text) else "poscar"
-    structure = _pymatgen_call(lambda S: S.from_str(text, fmt=fmt), entry_label(entry_id), f"{what} ({fmt.upper()})")
+    try:
+        structure = _pymatgen_call(lambda S: S.from_str(text, fmt=fmt), entry_label(entry_id), f"{what} ({fmt.upper()})")
+    except StructureError:
+        overlapping = _cif_with_overlapping_atoms(text, entry_id) if fmt == "cif" else None
+        if overlapping is None:
+            raise
+        return _validated(overlapping)  # the graph's overlap check names the atoms
     return _validated(_from_pymatgen(structure, entry_id))
+
+
+def _cif_with_overlapping_atoms(text: str, entry_id: Optional[str]) -> Optional[CrystalArrays]:
+    """A CIF that pymatgen rejects because two of its atoms sit on one site, read one atom per
+    site (its symmetry operations applied); None if it has no such atoms or cannot be read so.
+
+    pymatgen merges atoms closer than its site tolerance, sums their occupancies and then drops
+    the structure ("Invalid CIF file with no structures!"), which hides the actual problem."""
+    try:
+        from pymatgen.io.cif import CifFile, CifParser
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parser = CifParser.from_str(text)
+            block = next(iter(CifFile.from_str(text).data.values()))
+            lattice = parser.get_lattice(block)
+            ops = parser.get_symops(block)
+        number = lambda v: float(re.sub(r"\(\d*\)$", "", str(v)))  # noqa: E731  "0.25(3)" -> 0.25
+        labels = block["_atom_site_label"] if "_atom_site_label" in block.data else block["_atom_site_type_symbol"]
+        symbols = block["_atom_site_type_symbol"] if "_atom_site_type_symbol" in block.data else labels
+        fracs, z = [], []
+        for k, symbol in enumerate(symbols):
+            site = np.array([number(block[f"_atom_site_fract_{c}"][k]) for c in "xyz"])
+            element = re.match(r"[A-Z][a-z]?", str(symbol).strip())
+            images: list = []
+            for op in ops:  # the symmetry images of this atom, each once
+                f = np.mod(op.operate(site), 1.0)
+                if not any(np.allclose(d - np.rint(d), 0, atol=1e-4) for d in (f - g for g in images)):
+                    images.append(f)
+            fracs += images
+            z += [_Z_OF_SYMBOL.get(element.group(0) if element else "", 0)] * len(images)
+    except Exception:  # not a CIF this reading understands: pymatgen's own error stands
+        return None
+    if lattice is None or not fracs or 0 in z:
+        return None
+    matrix = np.array(lattice.matrix, dtype=np.float64)
+    cart = np.array(fracs) @ matrix
+    frac = np.array(fracs)
+    for i in range(len(frac)):  # any two atoms within MIN_DISTANCE of each other (nearest image)?
+        d = frac[i + 1:] - frac[i]
+        d = (d - np.rint(d)) @ matrix
+        if len(d) and float(np.min(np.einsum("ij,ij->i", d, d))) < MIN_DISTANCE ** 2:
+            return _one_hot_arrays(matrix, cart, np.array(z, dtype=np.int64), entry_id)
+    return None
 
 
 def _validated(arrays: CrystalArrays) -> CrystalArrays:
@@ -244,5 +299,5 @@ def validate_arrays(arrays: CrystalArrays) -> None:
         raise StructureError(f"{name}: degenerate lattice (|det| = {volume:.3g} A^3 < {MIN_VOLUME:g})")
 
 
-__all__ = ["CrystalArrays", "MIN_DISTANCE", "MIN_VOLUME", "NUM_SPECIES", "StructureError", "parse_structure_text",
+__all__ = ["CrystalArrays", "MIN_DISTANCE", "element_symbol", "MIN_VOLUME", "NUM_SPECIES", "StructureError", "parse_structure_text",
            "read_structure_file", "structure_from_record", "structure_to_arrays", "validate_arrays"]

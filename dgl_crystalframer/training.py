@@ -50,10 +50,12 @@ from .basis import default_cutoff
 from .batch import collate_for, to_device
 from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint, read_checkpoint
 from .config import RUNTIME_FIELDS, TrainConfig
-from .errors import ConfigError, DataError, TrainingDiverged
+from .domain import domain_of
+from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
 from .model import build_model
 from .plots import write_plots
+from .sources import NAMED_DATASETS
 from .schedule import Plan, Probe, Schedule, format_duration, parse_duration, plan_steps
 from .targets import Normalizer
 
@@ -259,6 +261,11 @@ class Trainer:
             total = cfg.epochs * self.steps_per_epoch
             self.plan = Plan(total, total - cfg.swa_epochs * self.steps_per_epoch)
         self.out = Path(cfg.out_dir)
+        if not cfg.resume and not cfg.overwrite:
+            _refuse_unfinished_run(self.out)
+        elif cfg.overwrite and not cfg.resume and self.dist.main:  # nothing of the old run may pass for this one's
+            for name in ("last.pt", "best.pt", "swa.pt", "model.pt", "results.json"):
+                (self.out / name).unlink(missing_ok=True)
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.meta = {
@@ -266,6 +273,8 @@ class Trainer:
             "normalizer": self.normalizer.as_dict(), "cutoff": self.cutoff,
             "dataset": cfg.dataset, "frame": self.frame, "params": self.n_params,
             "train_config": _plain(asdict(self.cfg)),
+            # what predict checks new crystals against (domain.py)
+            "domain": domain_of(self.train_ds[i][0] for i in range(len(self.train_ds))),
         }
 
     # -- resume -------------------------------------------------------------------------------
@@ -274,8 +283,14 @@ class Trainer:
         if not path.is_file():
             self._log(f"resume: no checkpoint at {path}; starting from scratch")
             return
-        ckpt = read_checkpoint(path)  # weights only; a damaged file is one line (CheckpointError)
-        old = ckpt.get("train_state", {}).get("config", {})
+        try:
+            ckpt = read_checkpoint(path)
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("train_state"), dict):
+                raise CheckpointError(f"{path}: not a resume checkpoint (no training state)")
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot resume: {exc}; to train from scratch, delete {path} or rerun with "
+                                  "--overwrite instead of --resume") from exc
+        old = ckpt["train_state"].get("config", {})
         now = _plain(asdict(self.cfg))
         missing = [k for k in now if k not in RUNTIME_FIELDS and k not in old]
         if missing:
@@ -618,6 +633,7 @@ class Trainer:
             "world_size": self.dist.world, "seed": cfg.seed, "normalizer": self.normalizer.as_dict(),
             "cutoff": self.cutoff, "out_dir": str(self.out), "checkpoint": str(self.out / "model.pt"),
             "train_test_overlap": len(train_ids & set(_ids(self.test_ds))),
+            "dropped": dropped_counts(self.info),
             "config": _plain(asdict(cfg)),
         }
         if self.dist.main:
@@ -637,7 +653,8 @@ class Trainer:
             if cfg.plots:
                 try:
                     write_plots(self.out, self.history, test_true, test_pred, self.target, self.unit,
-                                title=f"{cfg.dataset} {self.target}, frame {self.frame}")
+                                title=f"{cfg.dataset} {self.target}, frame {self.frame}",
+                                reference="DFT" if cfg.dataset in NAMED_DATASETS else "true")
                 except Exception as exc:  # plots are a convenience; never lose a run over them
                     self._log(f"warning: plots not written ({exc})")
         self.timers["final"] = time.perf_counter() - t_final
@@ -649,6 +666,23 @@ class Trainer:
                       f"{format_duration(self._elapsed())} in all; results in {self.out / 'results.json'}")
         self.result = result
         return result
+
+
+def _refuse_unfinished_run(out: Path) -> None:
+    """A run killed in ``out`` left its ``last.pt`` (and no newer ``results.json``): a new run there
+    would overwrite it, so say how to continue it or to start over."""
+    last, results = out / "last.pt", out / "results.json"
+    if last.is_file() and not (results.is_file() and results.stat().st_mtime_ns >= last.stat().st_mtime_ns):
+        raise ConfigError(f"{out} holds an unfinished run ({last}, no results.json after it): continue it with "
+                          "--resume, start over with --overwrite (its files are replaced), or choose another --out")
+
+
+def dropped_counts(info: Dict[str, Any], first: int = 20) -> Dict[str, Any]:
+    """The entries the data loading left out (results.json ``dropped``): counts, and the first ids."""
+    failed = dict(info.get("failed") or {})
+    return {"missing_target": int(info.get("n_skipped_target") or 0),
+            "missing_target_ids": list(info.get("skipped_ids") or [])[:first],
+            "failed_structures": len(failed), "failed_structure_ids": dict(list(failed.items())[:first])}
 
 
 def _plain(obj: Any) -> Any:

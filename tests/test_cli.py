@@ -80,3 +80,18 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
                                                    "--out", str(tmp_path / "o4")))
     # a missing checkpoint
     assert "nope.pt" in one_error_line(run_cli("predict", "--checkpoint", str(tmp_path / "nope.pt"), str(ok)))
+
+
+def test_error_lines_keep_the_closing_quote_of_a_path(capsys):
+    from dgl_crystalframer.cli import run_command
+    from dgl_crystalframer.errors import StructureError
+
+    def fail(exc):
+        def run():
+            raise exc
+        return run
+
+    assert run_command(fail(StructureError("x: no such file '/data/a b.cif'"))) == 2
+    assert capsys.readouterr().err.strip() == "error: x: no such file '/data/a b.cif'"
+    assert run_command(fail(FileNotFoundError(2, "No such file or directory", "/data/c.csv"))) == 2
+    assert capsys.readouterr().err.strip() == "error: [Errno 2] No such file or directory: '/data/c.csv'"

@@ -151,3 +151,37 @@ def test_frame_table_says_whether_a_gap_exceeds_the_seed_spread():
     noisy = spread_lines(runs("max", [0.080, 0.095, 0.070]) + runs("none", [0.085, 0.075, 0.092]))
     assert "within the spread" in noisy[1]
     assert spread_lines(runs("max", [0.08]) + runs("none", [0.09])) == []  # one seed: no spread to compare with
+
+
+def test_dropped_rows_are_shown_and_counted_and_a_damaged_resume_is_one_line(small_data, tmp_path):
+    records = json.loads(small_data.read_text())
+    bad = {0: float("nan"), 1: "", 2: "not a number"}
+    for k, v in bad.items():
+        records[k]["e_form"] = v
+    data = tmp_path / "holes.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "o"
+    args = ("--dataset", str(data), "--target", "e_form", "--preset", "smoke", "--epochs", "1", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--quiet")
+    proc = _cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = [records[k]["id"] for k in bad]
+    line = [ln for ln in proc.stderr.splitlines() if "skipped" in ln]
+    assert len(line) == 1 and f"skipped 3 of {len(records)} entries" in line[0] and ", ".join(ids) in line[0]
+    dropped = json.loads((out / "results.json").read_text())["dropped"]
+    assert dropped["missing_target"] == 3 and dropped["missing_target_ids"] == ids and dropped["failed_structures"] == 0
+    (out / "last.pt").write_bytes(b"\x00" * 100)
+    proc = _cli(*args, "--resume")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: cannot resume") and f"{out / 'last.pt'}:" in error and "delete" in error
+
+
+def test_help_gives_each_presets_learning_rate():
+    from dgl_crystalframer.config import TRAIN_PRESETS, TrainConfig
+
+    text = " ".join(train_cli.build_parser().format_help().split())
+    for name in TRAIN_PRESETS:
+        lr = TrainConfig(preset=name).resolved().lr
+        assert f"{name} {lr:.0e}".replace("e-0", "e-") in text
+    assert "quick 2e-3" in text

@@ -1,6 +1,7 @@
 """hpo sweeps and reports with injected fake trainers (no model training: seconds, not minutes)."""
 import logging
 import math
+from pathlib import Path
 
 import pytest
 
@@ -244,3 +245,61 @@ def test_fake_trainer_is_deterministic_and_finite():
     r = fake.train({**cfg, "epochs": 3}, lambda e, m: seen.append(m["val_mae"]))
     assert len(seen) == 3 and seen == sorted(seen, reverse=True)
     assert math.isfinite(r["latency_ms_per_crystal"]) and r["val_mae"] == seen[-1]
+
+
+def test_report_on_a_mistyped_storage_path_writes_nothing(tmp_path, capsys):
+    from dgl_crystalframer.cli import main
+
+    for url in (f"journal:{tmp_path}/typo/sweep.journal", f"sqlite:///{tmp_path}/typo.db"):
+        assert main(["report", "--study", "s", "--storage", url, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: no ") and "nothing was written" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no journal, no database, no folder
+
+
+def test_smoke_sweep_best_config_retrains_a_real_model_and_plots_name_the_metric(tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+
+    def train(config, cb):
+        return {**fake.train(config, cb), "unit": "eV/atom"}
+
+    run_sweep(settings(tmp_path, n_trials=3, preset="smoke"), Trainer(train))
+    labels = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: labels.append((str(path), [(a.get_xlabel(), a.get_ylabel()) for a in fig.axes])))
+    files = run_report("t", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep")
+    config = yaml.safe_load(files["best_config"].read_text())
+    assert config["preset"] == "quick" and "note: the sweep used preset smoke" in capsys.readouterr().out
+    axes = {Path(p).stem: a for p, a in labels}
+    assert ("epoch", "val_mae (eV/atom)") in axes["intermediate_values"]
+    assert any(y == "val_mae (eV/atom)" for _, y in axes["optimization_history"])
+    html = tmp_path / "rep" / "plots" / "intermediate_values.html"
+    if html.exists():  # plotly installed
+        text = html.read_text().replace("\\u002f", "/")  # plotly's JSON escapes slashes
+        assert '"text":"val_mae (eV/atom)"' in text and '"text":"epoch"' in text
+    # a preset asked for explicitly stays
+    files = run_report("t", f"sqlite:///{tmp_path}/hpo.db", tmp_path / "rep2", overrides={"preset": "smoke"}, plots=False)
+    assert yaml.safe_load(files["best_config"].read_text())["preset"] == "smoke"
+
+
+def test_report_marks_a_dead_journal_workers_trial_failed(tmp_path, capsys):
+    import os
+    import socket
+
+    from dgl_crystalframer.hpo.storage import make_storage
+
+    url = f"journal:{tmp_path}/s.journal"
+    study = optuna.create_study(study_name="s", storage=make_storage(url))
+    dead, alive = study.ask(), study.ask()  # two RUNNING trials
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{2 ** 22 + 4321}")  # a pid that does not exist
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    run_report("s", url, tmp_path / "rep", fail_stale=True, plots=False)
+    out = capsys.readouterr().out
+    assert "trial 0 RUNNING -> FAIL" in out and "trial 1 RUNNING" in out and "still runs" in out
+    study = optuna.load_study(study_name="s", storage=make_storage(url))
+    assert states(study) == [TrialState.FAIL, TrialState.RUNNING]
+    assert "no longer runs" in study.trials[0].user_attrs["error"]
+    assert main_report(["--study", "s", "--storage", url, "--out", str(tmp_path), "--fail-trial", "1", "--no-plots"]) == 0
+    assert states(optuna.load_study(study_name="s", storage=make_storage(url))) == [TrialState.FAIL, TrialState.FAIL]
+    with pytest.raises(ConfigError, match="no RUNNING trial 7"):
+        run_report("s", url, tmp_path / "rep", fail_trials=[7], plots=False)

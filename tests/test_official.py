@@ -212,7 +212,8 @@ def test_a_setting_we_lack_is_one_line_and_status_2_on_the_command_line(tmp_path
     ckpt = read_checkpoint(CKPT)
     ckpt["hyper_parameters"]["domain"] = "reci"
     torch.save(ckpt, tmp_path / "reci.ckpt")
-    rc, _, err = _cli(capsys, "predict", "--checkpoint", str(tmp_path / "reci.ckpt"), str(tmp_path / "reci.ckpt"))
+    (tmp_path / "a.cif").write_text("not read: the checkpoint fails first")
+    rc, _, err = _cli(capsys, "predict", "--checkpoint", str(tmp_path / "reci.ckpt"), str(tmp_path / "a.cif"))
     assert rc == 2 and err == (f"error: {tmp_path / 'reci.ckpt'}: official setting domain='reci' is not supported "
                                "(reciprocal-space or multi-domain attention)\n")
 
@@ -264,7 +265,7 @@ def test_convert_writes_our_format_and_predict_takes_both(tmp_path, capsys, stru
         rc, text, err = _cli(capsys, "predict", "--checkpoint", str(ckpt), *weights, str(cif))
         assert rc == 0, err
         rows.append(text.splitlines())
-    assert rows[0] == rows[1] and rows[0][0] == "id,e_form (eV/atom)"
+    assert rows[0] == rows[1] and rows[0][0] == "id,e_form (eV/atom),in_domain,domain_note"  # converted: domain unknown
 
 
 class _RunsCode:
@@ -299,7 +300,7 @@ def test_untrusted_files_are_refused_with_one_line(tmp_path, capsys, monkeypatch
             load_checkpoint(tmp_path / name)
         msg = str(info.value)
         assert says in msg and name in msg and "\n" not in msg and "weights_only" not in msg, msg
-        rc, _, err = _cli(capsys, "predict", "--checkpoint", str(tmp_path / name), str(tmp_path / name))
+        rc, _, err = _cli(capsys, "predict", "--checkpoint", str(tmp_path / name), "a.cif")  # the file fails first
         assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and says in err, err
         rc, _, err = _cli(capsys, "convert", str(tmp_path / name), "-o", str(tmp_path / "x.pt"))
         assert rc == 2 and says in err

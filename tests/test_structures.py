@@ -1,6 +1,8 @@
 """structures.py: every input kind gives the same graph, disordered sites, validation errors, arrays."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from ase import Atoms as AseAtoms
@@ -104,3 +106,27 @@ def test_arrays_roundtrip():
     assert a.Z.dtype == np.int64 and a.name == "mp-22862"
     g1, g2 = graph_from_arrays(a), build_graph(s)
     assert graph_edges(g1) == graph_edges(g2)
+
+
+def test_a_cif_with_two_atoms_on_one_site_reaches_the_overlap_check(tmp_path):
+    """pymatgen merges the two atoms and drops the structure ("Invalid CIF file with no structures!");
+    the user gets the package's own message, naming the file and the atoms."""
+    from dgl_crystalframer.graph import build_graph
+
+    cell = "".join(f"_cell_length_{a} 4.0\n" for a in "abc") + "".join(f"_cell_angle_{a} 90\n" for a in ("alpha", "beta", "gamma"))
+    head = "data_x\n" + cell + "_symmetry_space_group_name_H-M 'P 1'\nloop_\n_atom_site_label\n_atom_site_type_symbol\n" \
+           "_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+    for name, sites in (("two.cif", "Na1 Na 0 0 0\nCl1 Cl 0 0 0\n"),
+                        ("three.cif", "Na1 Na 0 0 0\nNa2 Na 0.0 0.0 0.0(1)\nCl1 Cl 0.5 0.5 0.5\n")):
+        path = tmp_path / name
+        path.write_text(head + sites)
+        with pytest.raises(StructureError, match=rf"^{re.escape(str(path))}: atoms 0 and 1 .* are 0 A apart"):
+            build_graph(str(path))
+    ok = tmp_path / "ok.cif"
+    ok.write_text(head + "Na1 Na 0 0 0\nCl1 Cl 0.5 0.5 0.5\n")
+    assert build_graph(str(ok)).num_nodes() == 2
+    # a CIF broken otherwise keeps pymatgen's reason
+    bad = tmp_path / "bad.cif"
+    bad.write_text("data_x\n" + cell + "loop_\n_atom_site_label\nNa1\n")
+    with pytest.raises(StructureError, match="cannot read a crystal structure"):
+        build_graph(str(bad))

@@ -20,7 +20,7 @@ import torch
 
 from dgl_crystalframer.checkpoint import load_checkpoint
 from dgl_crystalframer.config import TrainConfig
-from dgl_crystalframer.errors import ConfigError
+from dgl_crystalframer.errors import CheckpointError, ConfigError
 from dgl_crystalframer.schedule import Plan
 from dgl_crystalframer.training import SWA, Trainer, train_and_evaluate, weight_decay_groups
 
@@ -262,3 +262,52 @@ def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(small_data, tmp
     assert {"data", "train", "validation", "checkpoints", "final", "total"} <= set(res["seconds"])
     lr_last = [float(line.split(",")[6]) for line in (out / "log.csv").read_text().splitlines()[1:]][-1]
     assert lr_last < 0.05 * 5e-4  # annealed to (near) zero by the planned end
+
+
+# ------------------------------------------------------------------ an out dir that holds a run
+
+
+def test_a_damaged_last_pt_stops_a_resume_with_one_line_naming_the_file(small_data, tmp_path):
+    done = tmp_path / "done"
+    train_and_evaluate(tiny_config(small_data, done, epochs=1))
+    out = tmp_path / "damaged"
+    out.mkdir()
+    last = out / "last.pt"
+    for content in (np.random.default_rng(1).bytes(3000), (done / "last.pt").read_bytes()[:4000], b""):
+        last.write_bytes(content)
+        with pytest.raises(CheckpointError) as err:
+            train_and_evaluate(tiny_config(small_data, out, epochs=1, resume=True))
+        msg = str(err.value)
+        assert msg.startswith("cannot resume") and str(last) in msg and f"delete {last}" in msg, msg
+        assert "weights_only" not in msg and "\n" not in msg
+
+
+def test_a_killed_run_is_not_overwritten_without_resume(small_data, tmp_path):
+    out = tmp_path / "killed"
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_and_evaluate(tiny_config(small_data, out, epochs=3), epoch_callback=stop)
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"unfinished run .* --resume, start over with --overwrite"):
+        train_and_evaluate(tiny_config(small_data, out, epochs=3))
+    assert (out / "last.pt").read_bytes() == before  # untouched
+    res = train_and_evaluate(tiny_config(small_data, out, epochs=2, overwrite=True))
+    assert res["epochs"] == 2 and load_checkpoint(str(out / "last.pt"))[1]["epoch"] == 2
+    again = train_and_evaluate(tiny_config(small_data, out, epochs=2))  # a finished run may be run again
+    assert again["test_mae"] == res["test_mae"]
+
+
+def test_parity_plot_names_the_source_of_the_true_values(small_data, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    labels = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: labels.update({Path(path).name: fig.axes[0].get_xlabel()}))
+    train_and_evaluate(tiny_config(small_data, tmp_path / "p", epochs=1, plots=True))
+    assert labels["parity.png"] == "true e_form"  # the user's own data: not "DFT"

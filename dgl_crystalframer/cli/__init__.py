@@ -77,8 +77,9 @@ def run_command(fn) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().strip("'\"") or type(exc).__name__
-    return " ".join(text.split())
+    # a KeyError's str() is the repr of its key: take the key itself (never strip a path's closing quote)
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
 
 
 __all__ = ["COMMANDS", "command", "main", "run_command"]

@@ -60,7 +60,9 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
                    help="train N times (seeds SEED, SEED+1, ...) on the same split and report the mean and standard "
                         "deviation of the test MAE [default: 1]")
     p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--lr", type=float, help="peak learning rate [default: 5e-4]")
+    p.add_argument("--lr", type=float, help="peak learning rate [default: the preset's: "
+                   + ", ".join(f"{name} {TrainConfig(preset=name).resolved().lr:.0e}".replace("e-0", "e-")
+                             for name in TRAIN_PRESETS) + "]")
     p.add_argument("--unit", help="the target's unit, for your own data (e.g. eV)")
     p.add_argument("--max-train", type=int, dest="max_train", help="train on a random subset of this many crystals")
     p.add_argument("--device", help="auto, cpu or cuda[:N] [default: auto]")
@@ -73,13 +75,16 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
     p.add_argument("--config", help="YAML/JSON file of TrainConfig keys (flags override it)")
     p.add_argument("--out", dest="out_dir", help="output folder [default: runs/<dataset>-<target>-<frame>]")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start over in an OUT that holds an unfinished run (its checkpoints and results are replaced); "
+                        "without it, such an OUT is refused")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return p
 
 
 FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "time_budget", "schedule", "epochs", "swa_epochs", "batch_size",
-             "lr", "unit", "max_train", "device", "backend", "threads", "data_dir", "cache_dir", "out_dir", "resume", "seed")
+             "lr", "unit", "max_train", "device", "backend", "threads", "data_dir", "cache_dir", "out_dir", "resume", "overwrite", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

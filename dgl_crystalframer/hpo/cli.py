@@ -41,7 +41,9 @@ examples:
 workers together), after running N trials itself, or at --timeout. Trials that fail (exception,
 NaN loss or MAE) are recorded as FAIL and the sweep goes on. With SQLite or PostgreSQL a worker
 killed mid-trial stops sending heartbeats; after --grace-period another worker marks its trial
-FAIL and runs its parameters again (--max-retry); journal files have no heartbeats. Test hook:
+FAIL and runs its parameters again (--max-retry); journal files have no heartbeats: after killing
+a journal worker, `dgl-crystalframer report --study S --storage journal:FILE --fail-stale` marks
+its trial FAIL (and the next run of the sweep replaces it). Test hook:
 HPO_TRAINER=module:function replaces the trainer.
 """
 
@@ -148,6 +150,12 @@ def report_parser(prog: str = "dgl-crystalframer report") -> argparse.ArgumentPa
     p.add_argument("--set", dest="overrides", action="append", type=_key_value, default=[],
                    metavar="KEY=VALUE", help="override a field in best_config.yaml, e.g. preset=paper")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--fail-stale", action="store_true",
+                   help="mark FAIL the RUNNING trials whose worker on this machine no longer runs (a worker killed "
+                        "on a journal file, which has no heartbeats, leaves its trial RUNNING); rerun the sweep to "
+                        "replace them")
+    p.add_argument("--fail-trial", type=int, action="append", default=[], metavar="N",
+                   help="mark the RUNNING trial N FAIL (a worker on another machine that is known to be dead); repeatable")
     return p
 
 
@@ -222,7 +230,7 @@ def main_report(argv: list[str], prog: str = "dgl-crystalframer report") -> int:
         storage = default_url(args.out)
     out = args.out / args.study / "report"
     run_report(args.study, storage, out, top=args.top, overrides=dict(args.overrides),
-               plots=not args.no_plots)
+               plots=not args.no_plots, fail_stale=args.fail_stale, fail_trials=args.fail_trial)
     return 0
 
 

@@ -76,7 +76,9 @@ def real_trainer() -> Trainer:
         cfg = TrainConfig.from_dict(dict(config))
         return training.train_and_evaluate(cfg, epoch_callback=epoch_callback, data=shared_data(cfg))
 
-    return Trainer(train=train, complete=complete, name="dgl_crystalframer.training", defaults={"progress": False})
+    # overwrite: a trial folder belongs to its trial number; one left by a deleted study is stale
+    return Trainer(train=train, complete=complete, name="dgl_crystalframer.training",
+                   defaults={"progress": False, "overwrite": True})
 
 
 def trainer_from_env() -> Trainer:

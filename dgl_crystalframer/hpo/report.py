@@ -1,6 +1,8 @@
 """``dgl-crystalframer report``: tables of a study, the best config as YAML, Optuna's standard plots.
 
-Reads any Optuna RDB study (it writes nothing to the database). Outputs in OUT:
+Reads any Optuna study (it writes nothing to the database, except with ``fail_stale`` /
+``fail_trials``: a worker killed on a journal file, which keeps no heartbeats, leaves its trial
+RUNNING for ever; those mark such trials FAIL). Outputs in OUT:
   best_config.yaml   TrainConfig keys only: `dgl-crystalframer train --config best_config.yaml`
   trials.csv         every trial (study.trials_dataframe())
   plots/NAME.html    plotly (needs `plotly`); plots/NAME.png via optuna.visualization.matplotlib
@@ -21,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..errors import ConfigError
 from .objective import OBJECTIVES
 from .space import FRAMES, SPACE
-from .storage import make_storage, redact
+from .storage import make_storage, redact, require_existing, worker_alive
 from .sweep import SETTINGS_ATTR
 
 log = logging.getLogger("hpo")
@@ -87,8 +89,52 @@ def best_config(study: optuna.Study, trial: FrozenTrial, overrides: Mapping[str,
         config = {k: settings[k] for k in ("dataset", "target", "preset") if k in settings}
         config.update(settings.get("fixed", {}))
     config.update(trial.params)
+    if config.get("preset") in RETRAIN_PRESET and "preset" not in overrides:
+        config["preset"] = RETRAIN_PRESET[config["preset"]]
     config.update(overrides)
     return config
+
+
+# A sweep's preset that must not be retrained as such: smoke builds a tiny model (it checks the
+# plumbing), so best_config.yaml trains the searched settings with the default preset instead.
+RETRAIN_PRESET = {"smoke": "quick"}
+
+
+def trial_preset(study: optuna.Study, trial: FrozenTrial) -> Any:
+    """The training preset a trial ran with."""
+    return (trial.user_attrs.get("train_args") or study.user_attrs.get(SETTINGS_ATTR) or {}).get("preset")
+
+
+def mark_failed(study: optuna.Study, storage: Any, stale: bool, numbers: Sequence[int]) -> list[str]:
+    """Mark RUNNING trials FAIL: with ``stale``, those whose worker (``host:pid``) on this machine no
+    longer runs; and the trials ``numbers``, wherever their worker was.  Returns what it did, in lines."""
+    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    missing = [n for n in numbers if n not in running]
+    if missing:
+        raise ConfigError(f"--fail-trial: no RUNNING trial {', '.join(map(str, missing))} in study {study.study_name!r} "
+                          f"(RUNNING: {sorted(running) or 'none'})")
+    study_id = storage.get_study_id_from_name(study.study_name)
+    lines = []
+    for number, t in sorted(running.items()):
+        worker = t.user_attrs.get("worker", "?")
+        alive = worker_alive(worker)
+        if number in numbers:
+            why = "marked failed with --fail-trial"
+        elif stale and alive is False:
+            why = f"its worker {worker} no longer runs"
+        else:
+            if stale:
+                lines.append(f"trial {number} RUNNING on {worker}: left as it is ("
+                             + ("its worker still runs)" if alive else "another machine: --fail-trial "
+                                                                        f"{number} marks it failed)"))
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        storage.set_trial_user_attr(trial_id, "error", f"marked FAIL by report: {why}")
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        lines.append(f"trial {number} RUNNING -> FAIL ({why})")
+    if stale and not lines:
+        lines.append("no RUNNING trials")
+    return lines
 
 
 def write_yaml(path: Path, config: Mapping[str, Any], comment: str) -> None:
@@ -98,22 +144,48 @@ def write_yaml(path: Path, config: Mapping[str, Any], comment: str) -> None:
     path.write_text(text + yaml.safe_dump(dict(config), sort_keys=False))
 
 
+def metric_labels(study: optuna.Study, names: Sequence[str]) -> list[str]:
+    """The objectives as the plots' axes name them: the metric and its unit, e.g. "val_mae (eV/atom)"."""
+    results = [t.user_attrs.get("result") or {} for t in study.get_trials(deepcopy=False)]
+    unit = next((r["unit"] for r in results if r.get("unit")), "")
+    return [f"{n} ({unit})" if n == OBJECTIVES["mae"] and unit else n for n in names]
+
+
+# axis titles Optuna's plots have no argument for: (plot, x title, y title); None keeps Optuna's
+AXES = {"intermediate_values": ("epoch", 0), "optimization_history": (None, 0)}
+
+
+def _label_axes(fig: Any, name: str, labels: Sequence[str]) -> None:
+    """Name the axes of a plotly figure or matplotlib Axes by epoch and metric (Optuna says "Step" /
+    "Objective Value")."""
+    if name not in AXES:
+        return
+    x, y = AXES[name][0], labels[AXES[name][1]]
+    if hasattr(fig, "update_layout"):
+        fig.update_layout(**({"xaxis_title": x} if x else {}), yaxis_title=y)
+    else:
+        if x:
+            fig.set_xlabel(x)
+        fig.set_ylabel(y)
+
+
 def save_plots(study: optuna.Study, out: Path, names: Sequence[str]) -> list[Path]:
     """Optimisation history, parameter importances, intermediate values / Pareto front."""
     import optuna.visualization as vis
     import optuna.visualization.matplotlib as vis_mpl
 
     multi = len(names) > 1
-    first: dict[str, Any] = {}
+    labels = metric_labels(study, names)
+    first: dict[str, Any] = {"target_name": labels[0]}
     if multi:
-        first = {"target": lambda t: t.values[0], "target_name": names[0]}
+        first = {"target": lambda t: t.values[0], "target_name": labels[0]}
     plots: list[tuple[str, Callable, Callable, dict]] = [
         ("optimization_history", vis.plot_optimization_history, vis_mpl.plot_optimization_history, first),
         ("param_importances", vis.plot_param_importances, vis_mpl.plot_param_importances, first),
     ]
     if multi:
         plots.append(("pareto_front", vis.plot_pareto_front, vis_mpl.plot_pareto_front,
-                      {"target_names": list(names)}))
+                      {"target_names": list(labels)}))
     else:
         plots.append(("intermediate_values", vis.plot_intermediate_values,
                       vis_mpl.plot_intermediate_values, {}))
@@ -137,13 +209,16 @@ def save_plots(study: optuna.Study, out: Path, names: Sequence[str]) -> list[Pat
             if have_html:
                 try:
                     path = out / f"{name}.html"
-                    plotly_fn(study, **kwargs).write_html(path, include_plotlyjs="directory")
+                    fig = plotly_fn(study, **kwargs)
+                    _label_axes(fig, name, labels)
+                    fig.write_html(path, include_plotlyjs="directory")
                     written.append(path)
                 except Exception as e:
                     log.warning("plot %s (html) skipped: %s", name, e)
             if have_png:
                 try:
                     ax = mpl_fn(study, **kwargs)
+                    _label_axes(ax if not hasattr(ax, "flat") else ax.flat[0], name, labels)
                     fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
                     path = out / f"{name}.png"
                     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -162,7 +237,10 @@ def run_report(
     overrides: Mapping[str, Any] | None = None,
     plots: bool = True,
     echo: Callable[[str], None] = print,
+    fail_stale: bool = False,
+    fail_trials: Sequence[int] = (),
 ) -> dict:
+    require_existing(storage_url)
     storage = make_storage(storage_url, heartbeat=False)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
@@ -172,6 +250,9 @@ def run_report(
             f"no study {study_name!r} in {redact(storage_url)}; studies there: {names}"
         ) from None
     names = objective_names(study)
+    if fail_stale or fail_trials:
+        for line in mark_failed(study, storage, fail_stale, fail_trials):
+            echo(line)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
@@ -211,6 +292,10 @@ def run_report(
                f"train it: dgl-crystalframer train --config {path.name}")
     files["best_config"] = path
     echo(f"\nbest trial {best.number} ({values}) -> {path}")
+    swapped = trial_preset(study, best)
+    if swapped in RETRAIN_PRESET and "preset" not in (overrides or {}):
+        echo(f"note: the sweep used preset {swapped} (a tiny model); {path.name} trains its settings with preset "
+             f"{RETRAIN_PRESET[swapped]} (--set preset=... chooses another)")
     try:
         csv = out / "trials.csv"
         study.trials_dataframe().to_csv(csv, index=False)

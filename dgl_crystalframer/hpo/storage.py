@@ -139,28 +139,44 @@ def warn_if_shared_sqlite(study: optuna.Study, url: str) -> None:
     Workers are recorded as ``host:pid`` in a study attribute; one on this host counts as alive
     while its process exists, one on another host always does (SQLite over a network file system
     is worse still)."""
-    me, host = f"{socket.gethostname()}:{os.getpid()}", socket.gethostname()
+    me = f"{socket.gethostname()}:{os.getpid()}"
     workers = dict(study.user_attrs.get(WORKERS_ATTR) or {})
-
-    def alive(worker: str) -> bool:
-        name, _, pid = worker.rpartition(":")
-        if name != host:
-            return True
-        try:
-            os.kill(int(pid), 0)
-            return True
-        except (ValueError, ProcessLookupError):
-            return False
-        except PermissionError:  # exists, owned by another user
-            return True
-
-    others = [w for w in workers if w != me and alive(w)]
+    others = [w for w in workers if w != me and worker_alive(w) is not False]
     study.set_user_attr(WORKERS_ATTR, {**{w: workers[w] for w in others}, me: time.time()})
     if others and url.startswith("sqlite"):
         log.warning("worker %s joins study %r on SQLite while %s run(s) on it too: Optuna advises against SQLite "
                     "for parallel workers (locks, lost updates). Use --storage journal:FILE for several processes "
                     "on one machine, or --storage postgresql://... for several machines.",
                     me, study.study_name, ", ".join(others))
+
+
+def worker_alive(worker: str) -> bool | None:
+    """Whether the worker ``host:pid`` still runs: True or False on this host, None (unknown) on another."""
+    name, _, pid = str(worker).rpartition(":")
+    if name != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+
+
+def require_existing(url: str) -> None:
+    """A study to read must exist: a mistyped journal or SQLite path is an error, not a new, empty
+    file (opening a storage creates one)."""
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+        what = "journal file"
+    elif url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url[len("sqlite:///"):]).expanduser()
+        what = "SQLite database"
+    else:
+        return
+    if not path.is_file():
+        raise UserError(f"no {what} {path}: check the path in --storage (nothing was written)")
 
 
 def redact(url: str) -> str:
