@@ -151,7 +151,7 @@ class _RunSettings:
     device: str = "auto"
     backend: str = "auto"  # sparse operations: auto | dgl | torch (dgl_crystalframer.sparse)
     threads: Optional[int] = None
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # DataLoader workers; None: 4 on a GPU (batching overlaps the steps), 0 on CPU
     out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
     resume: bool = False
     progress: bool = True
@@ -254,7 +254,7 @@ class _RunSettings:
             raise ConfigError("lr, lr_T and clip must be > 0 and weight_decay >= 0")
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers (got {self.betas})")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0 (got {self.num_workers})")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: use {', '.join(BACKENDS)}")

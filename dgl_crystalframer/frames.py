@@ -61,6 +61,9 @@ from .lattice import lattice_axes, normalize
 # reverse every axis: all three are symmetrised there.
 SYMMETRISED_AXES = {"lattice": (0, 1, 2)}
 COLLINEAR_COS = 0.9999
+# ``graph.ndata`` keys each frame type reads besides the model's inputs (the others read none)
+NODE_INPUTS = {"pca": ("pos", "lattice_frame", "lattice_tied", "prim_lattice", "lattice"),
+               "lattice": ("lattice_frame", "lattice_tied", "prim_lattice", "lattice")}
 
 
 def check_frame_type(kind: str) -> str:
@@ -124,7 +127,9 @@ def _max_style_frames(topo: S.Topology, score: torch.Tensor, rhat: torch.Tensor,
     i1, found1, tied1 = _segment_argmax(topo, score, valid, () if secondary is None else (secondary,))
     e1 = rhat[i1]  # [N, H, 3]
     # no candidate at all (isolated atom): there is no angular term to orient, any axis will do
-    e1 = torch.where(found1.unsqueeze(-1), e1, e1.new_tensor([1.0, 0.0, 0.0]).expand_as(e1))
+    x_axis = torch.zeros_like(e1)
+    x_axis.select(-1, 0).fill_(1.0)  # on the device: a tensor from host data would be a blocking copy on a GPU
+    e1 = torch.where(found1.unsqueeze(-1), e1, x_axis)
 
     r = rhat.view(E, 1, 3)
     mean_dir = S.edge_sum(topo, r, (weights * candidate.unsqueeze(-1)).unsqueeze(-1))  # [N, H, 3]
@@ -173,7 +178,12 @@ def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: f
 def weighted_pca_frames(topo: S.Topology, weights: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
                         logits: torch.Tensor, eig_tol: float = 1e-3):
     """``weighted_pca`` frame from the attention weights [E, H] of this layer.
-    Returns (frames, tied) where tied marks axes of arbitrary sign and the max-frame fallback's ties."""
+    Returns (frames, tied) where tied marks axes of arbitrary sign and the max-frame fallback's ties.
+
+    On a GPU this frame makes the host wait twice per layer, unavoidably here: ``torch.linalg.eigh``
+    (cuSOLVER's convergence status is read back) and ``degenerate.any()``, which decides whether the
+    ``max`` fallback is computed at all (always computing it would cost a whole max frame per layer).
+    ``max``, ``static_local``, ``lattice`` and ``none`` make none (tests/test_syncs.py)."""
     N, (E, H) = topo.num_nodes, weights.shape
     w = (weights * candidate.unsqueeze(-1)).unsqueeze(-1)  # [E, H, 1], self image excluded
     outer = (rhat.unsqueeze(-1) * rhat.unsqueeze(-2)).reshape(E, 1, 9)
@@ -213,7 +223,11 @@ def pca_frames(topo: S.Topology, num_heads: int, pos_key: str = "pos", eig_tol: 
     their third moments.  Not cell-choice invariant, by construction (the paper's baseline).
     Where the spread is degenerate (one atom, collinear or coplanar-isotropic positions, cubic
     arrangements) the axes are arbitrary, so the ``lattice`` frame is used instead.
-    Returns (frames [N, H, 3, 3], tied [N, H]: an axis of arbitrary sign)."""
+    Returns (frames [N, H, 3, 3], tied [N, H]: an axis of arbitrary sign).
+
+    On a GPU ``torch.linalg.eigh`` makes the host wait once per layer (cuSOLVER's status), and
+    ``degenerate.any()`` once more for graphs without a stored lattice frame (not built by
+    ``build_graph``)."""
     if not topo.has_node_data(pos_key):
         raise KeyError(f"the 'pca' frame needs Cartesian positions in graph.ndata[{pos_key!r}]")
     pos = topo.node_data(pos_key).double()

@@ -3,13 +3,14 @@
 one ``config.ModelConfig``."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import sparse as S
 from .config import ModelConfig, model_config
+from .frames import NODE_INPUTS
 from .nn import CrystalFramerConv, edge_geometry
 from .structures import NUM_SPECIES
 
@@ -93,6 +94,10 @@ class CrystalFramer(nn.Module):
         for block in self.blocks:
             x = block(graph, x, geometry)
         return x, geometry.topo
+
+    def input_keys(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        """The graph data the model reads: (``ndata`` keys, ``edata`` keys)."""
+        return (self.species_key,) + NODE_INPUTS.get(self.frame, ()), (self.rvec_key,)
 
     def node_features(self, graph) -> torch.Tensor:
         """Per-atom features after the last block, [N, d]."""

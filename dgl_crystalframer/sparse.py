@@ -161,6 +161,10 @@ class Topology:
         dst_sorted = self.dst if self.order is None else self.dst[self.order]
         self.indptr = torch.searchsorted(dst_sorted, torch.arange(self.num_nodes + 1, device=self.device))
         self._graph = graph if _is_dgl_graph(graph) and graph.device == self.device else None
+        # the padded layout's width without reading it back from a GPU: known to a CrystalBatch made
+        # on CPU, or counted on a graph still on the CPU
+        self._max_degree = getattr(graph, "max_in_degree", None)
+        self._host_dst = dst if dst.device.type == "cpu" and self.device.type != "cpu" else None
         self._block = None
         self._pad_index: Optional[torch.Tensor] = None
         self._ndata: Dict[str, torch.Tensor] = {}
@@ -198,8 +202,11 @@ class Topology:
         return self._max_degree
 
     def _build_pad_index(self) -> None:
-        degree = self.indptr[1:] - self.indptr[:-1]
-        self._max_degree = max(1, int(degree.max())) if self.num_nodes else 1  # one device sync per batch
+        if self._max_degree is None and self._host_dst is not None:
+            self._max_degree = max(1, int(torch.bincount(self._host_dst, minlength=self.num_nodes).max()))
+        if self._max_degree is None:
+            degree = self.indptr[1:] - self.indptr[:-1]
+            self._max_degree = max(1, int(degree.max())) if self.num_nodes else 1  # one device sync per batch
         sorted_pos = torch.arange(self.num_edges, device=self.device)
         if self.order is not None:  # position of each edge in the destination-sorted order
             sorted_pos = torch.empty_like(sorted_pos).index_copy_(0, self.order, sorted_pos)

@@ -262,3 +262,27 @@ def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(small_data, tmp
     assert {"data", "train", "validation", "checkpoints", "final", "total"} <= set(res["seconds"])
     lr_last = [float(line.split(",")[6]) for line in (out / "log.csv").read_text().splitlines()[1:]][-1]
     assert lr_last < 0.05 * 5e-4  # annealed to (near) zero by the planned end
+
+
+def test_workers_and_losses_read_back_in_groups_give_the_same_run(small_data, tmp_path, monkeypatch):
+    """DataLoader workers (one loader kept across epochs) and the GPU's grouped loss read-back
+    (here forced on CPU) change nothing in the results; a non-finite step is still named."""
+    from dgl_crystalframer import training
+
+    base = train_and_evaluate(tiny_config(small_data, tmp_path / "a", epochs=2))
+    monkeypatch.setattr(training, "READ_EVERY", {"cpu": 3, "cuda": 16})
+    grouped = train_and_evaluate(tiny_config(small_data, tmp_path / "b", epochs=2, num_workers=2))
+    assert grouped["test_mae"] == base["test_mae"]
+    assert grouped["best_val_mae"] == base["best_val_mae"] and grouped["steps"] == base["steps"]
+
+    from dgl_crystalframer.model import CrystalFramer
+
+    forward, calls = CrystalFramer.forward, []
+
+    def nan_from_step_2(self, g):
+        calls.append(self.training)
+        return forward(self, g) * (float("nan") if sum(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(CrystalFramer, "forward", nan_from_step_2)
+    with pytest.raises(FloatingPointError, match="epoch 1, step 2 "):
+        train_and_evaluate(tiny_config(small_data, tmp_path / "nan"))
