@@ -122,6 +122,10 @@ def _max_style_frames(topo: S.Topology, score: torch.Tensor, rhat: torch.Tensor,
     if K.use_numba_frames(score):
         return K.max_style_frames(topo.indptr, topo.order, score, secondary, rhat, candidate, weights, TIE_TOL,
                                   COLLINEAR_COS)
+    # the comparisons in float64, as the numba kernel makes them: both paths pick the same edges
+    dtype = rhat.dtype
+    score, rhat, weights = score.double(), rhat.double(), weights.double()
+    secondary = secondary.double() if secondary is not None else None
     E, H = score.shape
     valid = candidate.unsqueeze(-1).expand(-1, H)
     i1, found1, tied1 = _segment_argmax(topo, score, valid, () if secondary is None else (secondary,))
@@ -144,7 +148,7 @@ def _max_style_frames(topo: S.Topology, score: torch.Tensor, rhat: torch.Tensor,
     e2 = normalize(r2 - (r2 * e1).sum(-1, keepdim=True) * e1)
     e2 = torch.where(found2.unsqueeze(-1), e2, _perpendicular(e1))
     e3 = torch.cross(e1, e2, dim=-1)
-    return torch.stack([e1, e2, e3], dim=2), tied1 | (tied2 & found2)
+    return torch.stack([e1, e2, e3], dim=2).to(dtype), tied1 | (tied2 & found2)
 
 
 def max_frames(topo: S.Topology, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,

@@ -66,11 +66,11 @@ class Predictor:
     def predict_graphs(self, graphs: Sequence[Any]) -> np.ndarray:
         """Predictions (original units) for graphs from ``build_graph``, in batches."""
         self.model.eval()
-        out: List[np.ndarray] = []
+        out: List[torch.Tensor] = []
         for i in range(0, len(graphs), self.batch_size):
-            bg = to_device(dgl.batch(list(graphs[i:i + self.batch_size])), self.device)
-            out.append(self.normalizer.decode(self.model(bg).reshape(-1).double().cpu().numpy()))
-        return np.concatenate(out) if out else np.zeros(0)
+            bg = to_device(dgl.batch(list(graphs[i:i + self.batch_size])), self.device, non_blocking=True)
+            out.append(self.model(bg).reshape(-1).double())  # kept on the device: one copy back, at the end
+        return self.normalizer.decode(torch.cat(out).cpu().numpy()) if out else np.zeros(0)
 
     def graphs_for(self, structures: Iterable[Any], ids: Optional[Sequence[str]] = None):
         """Build graphs; returns ``(ids, graphs, errors)`` with one ``(id, message)`` per failure."""

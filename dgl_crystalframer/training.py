@@ -71,6 +71,15 @@ def default_num_workers(device: torch.device) -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if torch.device(device).type == "cuda" else 0
 
 
+def make_loader(ds: Dataset, batch_size: int, collate: Callable, num_workers: int, pin_memory: bool,
+                **kwargs) -> DataLoader:
+    """The trainer's DataLoader: batches made in ``num_workers`` processes, kept alive across epochs
+    and a few batches ahead of the model (persistent workers, prefetch), pinned for a GPU."""
+    workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+    return DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                      **workers, **kwargs)
+
+
 def load_splits(cfg: TrainConfig, progress: bool = True):
     """The train/val/test split of ``cfg`` (a resolved config), graphs built or read from the cache."""
     from .data import load_dataset
@@ -420,11 +429,7 @@ class Trainer:
 
     # -- loops --------------------------------------------------------------------------------
     def _loader(self, ds: Dataset, batch_size: int, **kwargs) -> DataLoader:
-        """Batches made in ``num_workers`` processes, kept alive across epochs and a few batches
-        ahead of the model (persistent workers, prefetch), pinned for a GPU."""
-        workers = {"persistent_workers": True, "prefetch_factor": 4} if self.num_workers > 0 else {}
-        return DataLoader(ds, batch_size=batch_size, collate_fn=self.collate, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, **workers, **kwargs)
+        return make_loader(ds, batch_size, self.collate, self.num_workers, self.pin_memory, **kwargs)
 
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         cfg = self.cfg

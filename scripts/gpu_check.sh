@@ -50,4 +50,4 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
 } 2>&1 | tee "$out/machine.txt"
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse.py -k cuda 2>&1 | tee "$out/parity.txt"
 timeout 300 "$PY" -m benchmarks.perf --device cuda --quick --out "$out" 2>&1 | tee "$out/perf.txt"
-timeout 90 "$PY" -m dgl_crystalframer.bench.perf --profile cuda 2>&1 | tee "$out/profile.txt"
+timeout 90 "$PY" -m benchmarks.perf --profile cuda 2>&1 | tee "$out/profile.txt"

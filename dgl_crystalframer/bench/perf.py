@@ -41,13 +41,14 @@ import torch
 
 from .. import _openmp, sparse
 from .._dgl import dgl
-from ..batch import to_device
+from ..batch import collate_for, to_device
 from ..config import FRAME_TYPES as FRAMES
 from ..data import load_dataset
 from ..graph import graph_from_arrays
 from ..model import CrystalFramer
 from ..sources import SAMPLE_PATH
 from ..structures import CrystalArrays, structure_to_arrays
+from ..training import make_loader
 
 TARGETS = {  # the performance issue's targets on 2 CPU cores (frame max)
     "train_crystals_per_s": (">=", 60.0),
@@ -107,6 +108,62 @@ def sample_graphs(n: int) -> List[Any]:
     d = load_dataset("megnet_sample", "e_form", progress=False)
     graphs = [d.train[i][0] for i in range(min(n, len(d.train)))]
     return graphs
+
+
+def sample_dataset(n: int):
+    """The first ``n`` (graph, target) items of the sample's training split, as the trainer's loader reads them."""
+    d = load_dataset("megnet_sample", "e_form", progress=False)
+    return torch.utils.data.Subset(d.train, range(min(n, len(d.train))))
+
+
+def bench_loader(ds, device: torch.device, frame: str, batch_size: int, workers: int, steps: int,
+                 warmup: int = 2) -> float:
+    """Training crystals/s end to end: the trainer's DataLoader (``training.make_loader``: collate in
+    ``workers`` processes, only the tensors the model reads, pinned and copied without blocking on a
+    GPU) feeding forward, backward and AdamW, as ``train`` runs them.  The first ``warmup`` batches
+    (worker start, allocator) are not timed; the device is synchronised at both ends of the timing."""
+    model = make_model(frame).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    gen = torch.Generator()
+    gen.manual_seed(0)
+    collate = collate_for(device, sparse.select_backend(device), model.input_keys())
+    loader = make_loader(ds, batch_size, collate, workers, device.type == "cuda", shuffle=True, generator=gen,
+                         drop_last=True)
+    n, t0 = 0, None
+    for i, (bg, y) in enumerate(loader):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        if i == warmup + steps:
+            break
+        bg = to_device(bg, device, non_blocking=True)
+        y = y.to(device, non_blocking=True)[:, 0]
+        loss = torch.nn.functional.l1_loss(model(bg), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(y) if i >= warmup else 0
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_data_path(ds, device: torch.device, frames: Sequence[str], batch_size: int, workers: Sequence[int],
+                    steps: int) -> Dict[str, Dict[str, float]]:
+    """{frame: {"premoved": crystals/s, "workers_<k>": crystals/s}}: batches made and moved beforehand
+    (what the other training figures time) beside the same steps fed by the DataLoader."""
+    graphs = [ds[i][0] for i in range(batch_size * steps)]
+    out: Dict[str, Dict[str, float]] = {}
+    for frame in frames:
+        batches = _on(device, graphs, batch_size, steps)
+        step = train_step_fn(make_model(frame).to(device), batches)
+        row = {"premoved": batch_size / device_time(step, device, steps)}
+        for k in workers:
+            row[f"workers_{k}"] = bench_loader(ds, device, frame, batch_size, k, steps)
+        out[frame] = row
+        print(f"  data path, {device}, frame {frame}, batch {batch_size}: " +
+              ", ".join(f"{k} {v:.1f}" for k, v in row.items()) + " crystals/s", flush=True)
+    return out
 
 
 def sample_arrays(n: int) -> List[CrystalArrays]:
@@ -301,8 +358,50 @@ def count_syncs(fn: Callable[[], Any], device: torch.device) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def host_device_split(step: Callable[[], Any], device: torch.device) -> Dict[str, float]:
+    """One step's host time (until ``step`` returns: launching, Python, and any wait for the
+    device), its wall time (until the device is done), the device's busy time and the number of
+    ATen operations dispatched (torch.profiler).  host close to wall: the step is host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    host = time.perf_counter() - t0
+    _sync(device)
+    wall = time.perf_counter() - t0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    return {"host_ms": 1000 * host, "wall_ms": 1000 * wall, "device_busy_ms": 1000 * busy, "aten_calls": float(ops)}
+
+
+def identical_steps(frame: str, device: torch.device, batch, deterministic: bool = False) -> bool:
+    """Whether two training steps from the same weights on the same batch give bitwise equal weights
+    (``deterministic``: with ``torch.use_deterministic_algorithms``, as ``train --deterministic``)."""
+    state = {k: v.clone() for k, v in make_model(frame).state_dict().items()}
+    bg, y = batch
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        results = []
+        for _ in range(2):
+            model = make_model(frame).to(device)
+            model.load_state_dict(state)
+            train_step_fn(model, [(bg, y)])()
+            results.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    return all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def bench_device(graphs, device: torch.device, frames: Sequence[str], repeats: int,
-                 batch_sizes: Sequence[int] = (64, 256), n_single: int = 50) -> Dict[str, Any]:
+                 batch_sizes: Sequence[int] = (64, 256), n_single: int = 50, dataset=None,
+                 workers: Sequence[int] = (0, 4)) -> Dict[str, Any]:
     """Training and inference speed, peak device memory, device syncs per step, and agreement
     with the CPU (DGL kernels) for each frame type, on ``device`` with the backend it selects."""
     out: Dict[str, Any] = {"device": str(device), "backend": sparse.select_backend(device), "frames": {}}
@@ -322,6 +421,14 @@ def bench_device(graphs, device: torch.device, frames: Sequence[str], repeats: i
             if device.type == "cuda":
                 row[f"peak_memory_mb_b{bs}"] = torch.cuda.max_memory_allocated(device) / 2**20
             row[f"syncs_per_step_b{bs}"] = count_syncs(step, device)
+            for k, v in host_device_split(step, device).items():
+                row[f"{k}_per_step_b{bs}"] = v
+            if dataset is not None:  # the same steps fed by the trainer's DataLoader
+                for w in workers:
+                    row[f"loader_w{w}_crystals_per_s_b{bs}"] = bench_loader(dataset, device, frame, bs, w, repeats)
+        big_batch = _on(device, graphs, max(batch_sizes), 1)[0]
+        row["bitwise_identical_steps"] = float(identical_steps(frame, device, big_batch))
+        row["bitwise_identical_steps_deterministic"] = float(identical_steps(frame, device, big_batch, True))
         model = make_model(frame).to(device)
         model.train()
         model(_on(device, graphs, 64, 1)[0][0])  # record the sigma normaliser
@@ -360,6 +467,25 @@ def bench_scaling_on(device: torch.device, repeats: int, frame: str = "max", n_s
         rows.append({"factor": factor, "edges": bg.num_edges(), "step_seconds": device_time(step, device, repeats)})
     slope = float(np.polyfit(np.log([r["edges"] for r in rows]), np.log([r["step_seconds"] for r in rows]), 1)[0])
     return {"rows": rows, "slope": slope}
+
+
+def profile_steps(device: torch.device, frames: Sequence[str] = ("none", "max"), batch_size: int = 256) -> None:
+    """Print torch.profiler's table of one training step per frame type (after 3 warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = sample_graphs(batch_size)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for frame in frames:
+        step = train_step_fn(make_model(frame).to(device), _on(device, graphs, batch_size, 1))
+        for _ in range(3):
+            step()
+        _sync(device)
+        with profile(activities=activities) as prof:
+            step()
+            _sync(device)
+        print(f"frame {frame}, one training step at batch {batch_size} on {device}")
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
 
 
 def format_device_report(rep: Dict[str, Any]) -> str:
@@ -448,6 +574,8 @@ def format_report(perf: Dict[str, Any]) -> str:
         row(f"training, batch 64, frame {frame} (crystals/s)", v)
     for frame, v in perf["train_peak_rss_mb"].items():
         row(f"  peak RSS training, frame {frame} (MB, +steps)", f"{v['peak_rss_mb']:.0f} (+{v['peak_extra_mb']:.0f})", "{}")
+    for frame, r in (perf.get("data_path") or {}).items():
+        row(f"  frame {frame}: pre-moved / loader w0 / w2", " / ".join(f"{v:.1f}" for v in r.values()), "{}")
     row("inference, batch 1, frame max (ms/crystal)", perf["infer_ms_batch1"], "{:.2f}")
     row(f"inference, batch {perf['infer_batch']}, frame max (ms/crystal)", perf["infer_ms_batched"], "{:.2f}")
     if "infer_none_ms_batch1" in perf:
@@ -495,6 +623,8 @@ def build_parser(prog: str = "dgl-crystalframer perf") -> argparse.ArgumentParse
                         "64 and 256, inference, peak memory, syncs per step, scaling, agreement with the CPU)")
     p.add_argument("--backend", choices=("auto", "dgl", "torch"), default="auto",
                    help="sparse backend for the device report (default: auto)")
+    p.add_argument("--profile", metavar="DEVICE",
+                   help="only print a torch.profiler table of one training step at batch 256 (frames none, max) on DEVICE")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # scaling | memory-<frame> | omp-<policy> | kernels-torch | backend-torch
     return p
 
@@ -510,8 +640,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
         frames = [f.strip() for f in args.frames.split(",") if f.strip()] if args.frames != ",".join(FRAMES) else ["none", "max"]
         t_start = time.perf_counter()
         n = 256 if args.quick else 1024
-        rep = {"machine": machine_info(args.threads), **bench_device(sample_graphs(n), device, frames, args.repeats,
-                                                                      n_single=10 if args.quick else 50)}
+        ds = sample_dataset(max(n, 256 * (args.repeats + 2)))
+        graphs = [ds[i][0] for i in range(n)]
+        rep = {"machine": machine_info(args.threads), **bench_device(graphs, device, frames, args.repeats,
+                                                                      n_single=10 if args.quick else 50, dataset=ds)}
         rep["seconds"] = time.perf_counter() - t_start
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -521,6 +653,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
         print(f"\nwritten {out / 'perf_device.json'} ({rep['seconds']:.0f} s)")
         return 0
 
+    if args.profile:
+        profile_steps(sparse.resolve_device(args.profile))
+        return 0
     if args.worker == "scaling":
         print(json.dumps(bench_scaling(args.repeats)))
         return 0
@@ -550,6 +685,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
     perf.update(_worker("scaling", args))
     print("training ...", flush=True)
     perf["train_crystals_per_s"] = bench_training(graphs, frames, args.repeats)
+    print("training through the DataLoader (num_workers 0 and 2) beside pre-moved batches ...", flush=True)
+    perf["data_path"] = bench_data_path(sample_dataset(64 * (args.repeats + 2)), torch.device("cpu"),
+                                        [f for f in ("none", "max") if f in frames], 64, (0, 2), args.repeats)
     print("peak memory, one fresh process per frame type ...", flush=True)
     perf["train_peak_rss_mb"] = {frame: _worker(f"memory-{frame}", args) for frame in frames}
     perf["peak_rss_mb"] = perf["train_peak_rss_mb"].get("max", {}).get("peak_rss_mb")
