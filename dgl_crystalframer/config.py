@@ -100,7 +100,7 @@ REPORTED_MODELS = ("swa", "best", "final")
 JARVIS_DATASETS = ("dft_3d_2021",)
 DEFAULT_DATASET = "megnet_sample"
 # Fields that may differ between an interrupted run and its resumption.
-RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "progress", "plots", "data_dir",
+RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "deterministic", "out_dir", "resume", "progress", "plots", "data_dir",
                   "cache_dir", "reported_model")
 
 
@@ -151,6 +151,7 @@ class _RunSettings:
     device: str = "auto"
     backend: str = "auto"  # sparse operations: auto | dgl | torch (dgl_crystalframer.sparse)
     threads: Optional[int] = None
+    deterministic: bool = False  # GPU: reductions in a fixed order (torch.use_deterministic_algorithms)
     num_workers: Optional[int] = None  # DataLoader workers; None: 4 on a GPU (batching overlaps the steps), 0 on CPU
     out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
     resume: bool = False

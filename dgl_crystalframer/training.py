@@ -80,6 +80,17 @@ def make_loader(ds: Dataset, batch_size: int, collate: Callable, num_workers: in
                       **workers, **kwargs)
 
 
+def use_deterministic(device: torch.device, backend: str) -> None:
+    """Bitwise repeatable training steps on a GPU: torch's deterministic algorithms (``index_add_``
+    becomes a sorted, fixed-order sum instead of float atomics; cuBLAS a fixed workspace).  DGL's
+    CUDA kernels have no such mode, so the GPU needs the torch backend.  On CPU every step is
+    repeatable already (the kernels sum in a fixed order); the switch costs nothing there."""
+    if device.type == "cuda" and backend == "dgl":
+        raise ConfigError("--deterministic on a GPU needs --backend torch (DGL's CUDA kernels sum with atomics)")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first step
+    torch.use_deterministic_algorithms(True)
+
+
 def load_splits(cfg: TrainConfig, progress: bool = True):
     """The train/val/test split of ``cfg`` (a resolved config), graphs built or read from the cache."""
     from .data import load_dataset
@@ -189,6 +200,7 @@ class Trainer:
         # the state that a resume restores
         self.plan: Optional[Plan] = None
         self._probe = Probe()  # a budgeted run's speed, until it has a plan
+        self._deterministic_before = torch.are_deterministic_algorithms_enabled()  # restored after fit
         self.step = 0
         self.epoch = 0  # completed epochs
         self.history: List[Dict[str, Any]] = []
@@ -233,6 +245,8 @@ class Trainer:
             self.device = device
         sparse.set_backend(cfg.backend)
         self.backend = sparse.select_backend(self.device)
+        if cfg.deterministic:
+            use_deterministic(self.device, self.backend)
         seed_everything(cfg.seed)
 
         t0 = time.perf_counter()
@@ -559,6 +573,7 @@ class Trainer:
         try:
             return self._fit(epoch_callback)
         finally:
+            torch.use_deterministic_algorithms(self._deterministic_before)
             if self.dist.owned and dist.is_initialized():
                 dist.destroy_process_group()
 

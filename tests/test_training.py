@@ -286,3 +286,20 @@ def test_workers_and_losses_read_back_in_groups_give_the_same_run(small_data, tm
     monkeypatch.setattr(CrystalFramer, "forward", nan_from_step_2)
     with pytest.raises(FloatingPointError, match="epoch 1, step 2 "):
         train_and_evaluate(tiny_config(small_data, tmp_path / "nan"))
+
+
+@pytest.mark.parametrize("backend", ["dgl", "torch"])
+def test_deterministic_runs_every_operation_and_changes_nothing_on_cpu(small_data, tmp_path, backend):
+    """--deterministic: torch's deterministic algorithms accept every operation of a training step
+    (both backends), and on CPU, whose sums already run in a fixed order, the numbers are the same."""
+    plain = train_and_evaluate(tiny_config(small_data, tmp_path / "a", epochs=1, backend=backend))
+    det = train_and_evaluate(tiny_config(small_data, tmp_path / "b", epochs=1, backend=backend, deterministic=True))
+    assert det["test_mae"] == plain["test_mae"]
+    assert not torch.are_deterministic_algorithms_enabled()  # the process is left as it was
+
+
+def test_deterministic_refuses_dgl_kernels_on_a_gpu():
+    from dgl_crystalframer.training import use_deterministic
+
+    with pytest.raises(ConfigError, match="--backend torch"):
+        use_deterministic(torch.device("cuda"), "dgl")

@@ -68,6 +68,9 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
                    help="sparse operations: DGL's kernels or plain PyTorch [default: auto = dgl where the installed "
                         "DGL supports the device, else torch]")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="on a GPU: bitwise repeatable steps (sums in a fixed order instead of atomics; slower, "
+                        "backend torch); on CPU steps are repeatable anyway")
     p.add_argument("--num-workers", type=int, dest="num_workers",
                    help="DataLoader worker processes that batch crystals while the model trains "
                         "[default: 4 on a GPU, 0 on CPU]")
@@ -82,7 +85,7 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
 
 
 FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "time_budget", "schedule", "epochs", "swa_epochs", "batch_size",
-             "lr", "unit", "max_train", "device", "backend", "threads", "num_workers", "data_dir", "cache_dir", "out_dir", "resume", "seed")
+             "lr", "unit", "max_train", "device", "backend", "threads", "num_workers", "deterministic", "data_dir", "cache_dir", "out_dir", "resume", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
