@@ -18,7 +18,31 @@ from typing import Any, Dict, List, Optional, Tuple
 from .errors import ConfigError
 from .schedule import SCHEDULES, parse_duration
 
-FRAME_TYPES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
+class FrameType(typing.NamedTuple):
+    """One frame type: what config, the command line, sweeps and benchmarks know of it (the frame
+    itself is ``frames.FRAME_FUNCTIONS[name]``).  ``symmetrised_axes``: the axes whose angular
+    features the layer symmetrises over c -> -c where the frame choice was a tie (frames.py says
+    why); ``node_inputs``: the ``graph.ndata`` keys it reads besides the model's inputs."""
+
+    name: str
+    label: str
+    symmetrised_axes: Tuple[int, ...] = (2,)
+    node_inputs: Tuple[str, ...] = ()
+
+
+_LATTICE_INPUTS = ("lattice_frame", "lattice_tied", "prim_lattice", "lattice")
+# Adding a frame type: one row here, one function in frames.FRAME_FUNCTIONS.
+FRAMES: Dict[str, FrameType] = {f.name: f for f in (
+    FrameType("none", "Crystalformer (no frames)", ()),
+    FrameType("max", "max frames"),
+    FrameType("weighted_pca", "weighted PCA frames"),
+    FrameType("static_local", "static local frames"),
+    FrameType("pca", "PCA frames", node_inputs=("pos",) + _LATTICE_INPUTS),
+    # global, not orthogonal, made right-handed by flipping all three axes: a tie between candidates
+    # related by an improper symmetry can reverse every axis
+    FrameType("lattice", "lattice frames", (0, 1, 2), _LATTICE_INPUTS),
+)}
+FRAME_TYPES = tuple(FRAMES)
 BACKENDS = ("auto", "dgl", "torch")
 
 
@@ -346,5 +370,5 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
-__all__ = ["BACKENDS", "ConfigError", "FRAME_TYPES", "SCHEDULES", "MODEL_FIELDS", "MODEL_PRESETS", "ModelConfig", "RUNTIME_FIELDS",
+__all__ = ["BACKENDS", "ConfigError", "FRAMES", "FRAME_TYPES", "FrameType", "SCHEDULES", "MODEL_FIELDS", "MODEL_PRESETS", "ModelConfig", "RUNTIME_FIELDS",
            "TRAIN_PRESETS", "TrainConfig", "default_out_dir", "model_config", "paper_schedule", "read_config_file"]

@@ -51,19 +51,15 @@ import torch
 from . import kernels as K
 from . import sparse as S
 from .basis import CANDIDATE_MIN_D2, TIE_TOL  # noqa: F401  (CANDIDATE_MIN_D2: part of this module's API)
-from .config import FRAME_TYPES
+from .config import FRAME_TYPES, FRAMES
 from .errors import ConfigError
 from .lattice import lattice_axes, normalize
 
 # Axes whose angular features the layer symmetrises over c -> -c where ``tied`` is set (module
-# doc); e3 unless listed.  The lattice frame is global, not orthogonal and made right-handed by
-# flipping all three axes, so a tie between candidates related by an improper symmetry can
-# reverse every axis: all three are symmetrised there.
-SYMMETRISED_AXES = {"lattice": (0, 1, 2)}
+# doc), and the node data each frame type reads: columns of the table ``config.FRAMES``.
+SYMMETRISED_AXES = {f.name: f.symmetrised_axes for f in FRAMES.values()}
+NODE_INPUTS = {f.name: f.node_inputs for f in FRAMES.values()}
 COLLINEAR_COS = 0.9999
-# ``graph.ndata`` keys each frame type reads besides the model's inputs (the others read none)
-NODE_INPUTS = {"pca": ("pos", "lattice_frame", "lattice_tied", "prim_lattice", "lattice"),
-               "lattice": ("lattice_frame", "lattice_tied", "prim_lattice", "lattice")}
 
 
 def check_frame_type(kind: str) -> str:
@@ -290,19 +286,28 @@ def compute_frames(kind: str, topo: S.Topology, rhat: torch.Tensor, candidate: t
     candidate: [E] bool (not the self image); logits, weights, dist_logits: [E, H] attention
     logits, softmax weights, and the distance-only part of the logits.
     """
-    H = logits.shape[1]
-    if kind == "none":
-        return None, None
-    if kind == "max":
-        return max_frames(topo, logits, rhat, candidate, weights)
-    if kind == "static_local":
-        return static_local_frames(topo, dist_logits, rhat, candidate, logits, weights)
-    if kind == "weighted_pca":
-        return weighted_pca_frames(topo, weights, rhat, candidate, logits)
-    if kind == "pca":
-        frames, tied = pca_frames(topo, H)
-        return frames.to(rhat.dtype), tied
-    if kind == "lattice":
-        frames, tied = lattice_frames(topo, H)
-        return frames.to(rhat.dtype), tied
-    check_frame_type(kind)
+    return FRAME_FUNCTIONS[check_frame_type(kind)](topo, rhat, candidate, logits, weights, dist_logits)
+
+
+def _global(frame_fn):
+    """A per-structure frame (``pca``, ``lattice``) in the per-layer signature, in the layer's dtype."""
+    def frames(topo, rhat, candidate, logits, weights, dist_logits):
+        axes, tied = frame_fn(topo, logits.shape[1])
+        return axes.to(rhat.dtype), tied
+    return frames
+
+
+# The function of each row of ``config.FRAMES``, all called as
+# ``fn(topo, rhat, candidate, logits, weights, dist_logits) -> (frames, tied)``.
+FRAME_FUNCTIONS = {
+    "none": lambda topo, rhat, candidate, logits, weights, dist_logits: (None, None),
+    "max": lambda topo, rhat, candidate, logits, weights, dist_logits: max_frames(topo, logits, rhat, candidate,
+                                                                                  weights),
+    "static_local": lambda topo, rhat, candidate, logits, weights, dist_logits: static_local_frames(
+        topo, dist_logits, rhat, candidate, logits, weights),
+    "weighted_pca": lambda topo, rhat, candidate, logits, weights, dist_logits: weighted_pca_frames(
+        topo, weights, rhat, candidate, logits),
+    "pca": _global(pca_frames),
+    "lattice": _global(lattice_frames),
+}
+assert FRAME_FUNCTIONS.keys() == FRAMES.keys(), "config.FRAMES and frames.FRAME_FUNCTIONS list other frame types"

@@ -235,7 +235,7 @@ class CrystalFramerConv(nn.Module):
                 raise ValueError(f"num_angle_basis must be >= 2, got {num_angle_basis}")
             table, self.angle_half = B.angle_basis_table(num_angle_basis, angle_basis_width)
             self.register_buffer("angle_table", table.float(), persistent=False)  # follows .to(device/dtype)
-            self.mirror_axes = tuple(SYMMETRISED_AXES.get(frame, (2,))) if symmetrize_ties else ()
+            self.mirror_axes = tuple(SYMMETRISED_AXES[frame]) if symmetrize_ties else ()
             axes = torch.zeros(3, dtype=torch.bool)
             axes[list(self.mirror_axes)] = True
             self.register_buffer("symmetrised_axes", axes, persistent=False)

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ..config import BACKENDS, FRAME_TYPES, SCHEDULES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
+from ..config import BACKENDS, FRAMES, FRAME_TYPES, SCHEDULES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
 from ..errors import ConfigError
 
-FRAME_LABELS = {"none": "Crystalformer (no frames)", "max": "max frames", "weighted_pca": "weighted PCA frames",
-                "static_local": "static local frames", "pca": "PCA frames", "lattice": "lattice frames"}
+FRAME_LABELS = {f.name: f.label for f in FRAMES.values()}
 
 
 def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentParser:
