@@ -124,23 +124,23 @@ def tensor_collate(items):
 
 
 def collate_for(device, backend=None, keys=None):
-    """The collate function for a model on ``device``: plain tensors for the torch backend (only
-    ``keys``, when given), picklable for DataLoader workers."""
-    backend = backend or sparse.select_backend(device)
+    """The collate function for a model on ``device`` with ``backend`` (None: by device): plain
+    tensors for the torch backend (only ``keys``, when given), picklable for DataLoader workers."""
+    backend = sparse.select_backend(device, backend)
     if backend != "torch":
         return collate
     return tensor_collate if keys is None else functools.partial(collate, as_tensors=True, keys=keys)
 
 
-def to_device(graph, device, non_blocking: bool = False):
-    """A batched graph on ``device`` in the form its backend needs: a DGLGraph moved with DGL where
-    DGL supports the device, else a :class:`CrystalBatch` of the same tensors."""
+def to_device(graph, device, non_blocking: bool = False, backend=None):
+    """A batched graph on ``device`` in the form ``backend`` (None: by device) needs: a DGLGraph
+    moved with DGL for ``dgl``, else a :class:`CrystalBatch` of the same tensors."""
     device = torch.device(device)
     if isinstance(graph, CrystalBatch):
         return graph if graph.device == device else graph.to(device, non_blocking)
     if graph.device == device:
         return graph
-    if sparse.select_backend(device) == "dgl":
+    if sparse.select_backend(device, backend) == "dgl":
         return graph.to(device)
     return CrystalBatch.from_dgl(graph).to(device, non_blocking)
 

@@ -46,6 +46,9 @@ class CrystalFramer(nn.Module):
         super().__init__()
         c = model_config(**{**(config or ModelConfig()).as_dict(), **overrides})
         self.config = c
+        # the sparse backend's name (dgl | torch), chosen once by whoever runs the model (trainer,
+        # predictor); None: by the device of each batch (sparse.select_backend).  Not saved.
+        self.sparse_backend: Optional[str] = None
         self.frame, self.num_layers, self.rvec_key, self.species_key = c.frame, c.num_layers, c.rvec_key, c.species_key
         self.num_dist_basis, self.dist_basis_rmax = c.num_dist_basis, c.dist_basis_rmax
         self.embedding = nn.Linear(NUM_SPECIES, c.dim, bias=False)
@@ -90,7 +93,8 @@ class CrystalFramer(nn.Module):
         weight = self.embedding.weight
         x = self.embedding(graph.ndata[self.species_key].to(weight.device, weight.dtype, non_blocking=True))
         rvec = graph.edata[self.rvec_key].to(weight.device, weight.dtype, non_blocking=True)
-        geometry = edge_geometry(graph, rvec, self.num_dist_basis, self.dist_basis_rmax)  # shared by all layers
+        geometry = edge_geometry(graph, rvec, self.num_dist_basis, self.dist_basis_rmax,  # shared by all layers
+                                 backend=self.sparse_backend)
         for block in self.blocks:
             x = block(graph, x, geometry)
         return x, geometry.topo

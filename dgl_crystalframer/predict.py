@@ -52,10 +52,9 @@ class Predictor:
 
     def __init__(self, checkpoint: str, device: str = "auto", batch_size: int = 64, backend: Optional[str] = None):
         self.device = sparse.resolve_device(device)
-        if backend is not None:
-            sparse.set_backend(backend)
-        self.backend = sparse.select_backend(self.device)
+        self.backend = sparse.select_backend(self.device, sparse.backend_from_env(backend))
         self.model, self.meta = load_checkpoint(checkpoint, device=self.device)
+        self.model.sparse_backend = self.backend
         self.batch_size = int(batch_size)
         self.normalizer = Normalizer.from_dict(self.meta["normalizer"])
         self.cutoff = self.meta.get("cutoff")
@@ -68,7 +67,8 @@ class Predictor:
         self.model.eval()
         out: List[torch.Tensor] = []
         for i in range(0, len(graphs), self.batch_size):
-            bg = to_device(dgl.batch(list(graphs[i:i + self.batch_size])), self.device, non_blocking=True)
+            bg = to_device(dgl.batch(list(graphs[i:i + self.batch_size])), self.device, non_blocking=True,
+                           backend=self.backend)
             out.append(self.model(bg).reshape(-1).double())  # kept on the device: one copy back, at the end
         return self.normalizer.decode(torch.cat(out).cpu().numpy()) if out else np.zeros(0)
 

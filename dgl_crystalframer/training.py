@@ -243,8 +243,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
             self.device = device
-        sparse.set_backend(cfg.backend)
-        self.backend = sparse.select_backend(self.device)
+        self.backend = sparse.select_backend(self.device, sparse.backend_from_env(cfg.backend))  # once, passed down
         if cfg.deterministic:
             use_deterministic(self.device, self.backend)
         seed_everything(cfg.seed)
@@ -270,6 +269,7 @@ class Trainer:
         self.cutoff = float(info.get("cutoff") or cfg.cutoff or default_cutoff())
 
         model = build_model(cfg.model_config())
+        model.sparse_backend = self.backend
         # DataLoader workers batch on CPU; the torch backend gets plain tensors (pinned for a GPU),
         # only those the model reads
         self.collate = collate_for(self.device, self.backend, model.input_keys())
@@ -383,7 +383,7 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         t0 = time.perf_counter()
-        self.model(to_device(bg, self.device))
+        self.model(to_device(bg, self.device, backend=self.backend))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.model.train(was)
@@ -486,7 +486,7 @@ class Trainer:
         for bg, y in loader:
             if self.plan is not None and self.step >= self.plan.total_steps:
                 break  # a budgeted run may end mid-epoch
-            bg = to_device(bg, self.device, non_blocking=True)
+            bg = to_device(bg, self.device, non_blocking=True, backend=self.backend)
             y = y.to(self.device, non_blocking=True).reshape(len(y), -1)[:, 0].float()
             yn = self.normalizer.encode(y)
             pred = self.ddp(bg).reshape(-1)
@@ -548,7 +548,7 @@ class Trainer:
         loader = self._eval_loaders[id(ds)][1]
         preds, targets = [], []
         for bg, y in loader:
-            preds.append(model(to_device(bg, self.device, non_blocking=True)).reshape(-1).double())
+            preds.append(model(to_device(bg, self.device, non_blocking=True, backend=self.backend)).reshape(-1).double())
             targets.append(y.reshape(len(y), -1)[:, 0].double())
         model.train(was_training)
         p = self.normalizer.decode(torch.cat(preds).cpu()).numpy() if preds else np.zeros(0)
@@ -640,6 +640,7 @@ class Trainer:
             candidates["swa"] = (self.swa.module, self.epoch)
         if self.best_state is not None:
             best_model = build_model(self.meta["model_config"]).to(self.device)
+            best_model.sparse_backend = self.backend
             best_model.load_state_dict(self.best_state)
             candidates["best"] = (best_model, self.best_epoch)
         # the model the schedule promises; the others are reported beside it

@@ -44,7 +44,7 @@ def test_the_simulated_path_uses_neither_dgl_nor_numba():
     from dgl_crystalframer import kernels, sparse
 
     with simulated_device_path():
-        assert kernels.BACKEND == "torch" and sparse.select_backend("cpu") == "torch"
+        assert kernels.BACKEND == "torch"
         with pytest.raises(AssertionError, match="DGL"):
             sparse.dglops.u_dot_v
-    assert sparse.select_backend("cpu") == "dgl"
+    assert kernels.BACKEND != "torch" or kernels.numba is None

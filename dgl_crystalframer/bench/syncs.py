@@ -114,16 +114,16 @@ class _NoDGL:
 
 @contextlib.contextmanager
 def simulated_device_path() -> Iterator[None]:
-    """Run what a CUDA device would run, on CPU tensors: backend ``torch`` (DGL ops raise), the
-    torch version of the angular kernels and of the frames (no numba), one histogram chunk."""
+    """Run what a CUDA device would run, on CPU tensors: the torch version of the angular kernels
+    and of the frames (no numba), one histogram chunk, and DGL's operations raising (the model
+    must run with ``sparse_backend = "torch"``, as ``step_syncs`` sets it)."""
     from .. import kernels, nn, sparse
 
     def one_chunk(indptr, num_edges, nodes_per_chunk):
         return [(0, indptr.shape[0] - 1, 0, num_edges)]
 
     with mock.patch.object(kernels, "BACKEND", "torch"), mock.patch.object(nn, "_node_chunks", one_chunk), \
-            mock.patch.object(sparse, "dglops", _NoDGL()), mock.patch.object(sparse, "_dgl_edge_softmax", _NoDGL()), \
-            mock.patch.object(sparse, "_requested", "torch"):
+            mock.patch.object(sparse, "dglops", _NoDGL()), mock.patch.object(sparse, "_dgl_edge_softmax", _NoDGL()):
         yield
 
 
@@ -140,6 +140,7 @@ def step_syncs(frame: str, graphs, steps: int = 2, **model_config) -> SyncCounte
     with simulated_device_path():
         torch.manual_seed(0)
         model = CrystalFramer(frame=frame, **model_config)
+        model.sparse_backend = "torch"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
         for _ in range(steps):
