@@ -49,5 +49,5 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
       'numba', numba.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$out/machine.txt"
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse.py -k cuda 2>&1 | tee "$out/parity.txt"
-timeout 300 "$PY" -m benchmarks.perf --device cuda --quick --out "$out" 2>&1 | tee "$out/perf.txt"
-timeout 90 "$PY" -m benchmarks.perf --profile cuda 2>&1 | tee "$out/profile.txt"
+timeout 270 "$PY" -m benchmarks.perf --device cuda --quick --out "$out" 2>&1 | tee "$out/perf.txt"
+timeout 60 "$PY" -m benchmarks.perf --profile cuda 2>&1 | tee "$out/profile.txt"
