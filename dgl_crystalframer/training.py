@@ -574,6 +574,7 @@ class Trainer:
             return self._fit(epoch_callback)
         finally:
             torch.use_deterministic_algorithms(self._deterministic_before)
+            self._train_loader, self._eval_loaders = None, {}  # their worker processes end here
             if self.dist.owned and dist.is_initialized():
                 dist.destroy_process_group()
 
