@@ -18,7 +18,31 @@ from typing import Any, Dict, List, Optional, Tuple
 from .errors import ConfigError
 from .schedule import SCHEDULES, parse_duration
 
-FRAME_TYPES = ("none", "max", "weighted_pca", "static_local", "pca", "lattice")
+class FrameType(typing.NamedTuple):
+    """One frame type: what config, the command line, sweeps and benchmarks know of it (the frame
+    itself is ``frames.FRAME_FUNCTIONS[name]``).  ``symmetrised_axes``: the axes whose angular
+    features the layer symmetrises over c -> -c where the frame choice was a tie (frames.py says
+    why); ``node_inputs``: the ``graph.ndata`` keys it reads besides the model's inputs."""
+
+    name: str
+    label: str
+    symmetrised_axes: Tuple[int, ...] = (2,)
+    node_inputs: Tuple[str, ...] = ()
+
+
+_LATTICE_INPUTS = ("lattice_frame", "lattice_tied", "prim_lattice", "lattice")
+# Adding a frame type: one row here, one function in frames.FRAME_FUNCTIONS.
+FRAMES: Dict[str, FrameType] = {f.name: f for f in (
+    FrameType("none", "Crystalformer (no frames)", ()),
+    FrameType("max", "max frames"),
+    FrameType("weighted_pca", "weighted PCA frames"),
+    FrameType("static_local", "static local frames"),
+    FrameType("pca", "PCA frames", node_inputs=("pos",) + _LATTICE_INPUTS),
+    # global, not orthogonal, made right-handed by flipping all three axes: a tie between candidates
+    # related by an improper symmetry can reverse every axis
+    FrameType("lattice", "lattice frames", (0, 1, 2), _LATTICE_INPUTS),
+)}
+FRAME_TYPES = tuple(FRAMES)
 BACKENDS = ("auto", "dgl", "torch")
 
 
@@ -100,7 +124,8 @@ REPORTED_MODELS = ("swa", "best", "final")
 JARVIS_DATASETS = ("dft_3d_2021",)
 DEFAULT_DATASET = "megnet_sample"
 # Fields that may differ between an interrupted run and its resumption.
-RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "overwrite", "progress", "plots", "data_dir",
+RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "deterministic", "out_dir", "resume", "overwrite", "progress",
+                  "plots", "data_dir",
                   "cache_dir", "reported_model")
 
 
@@ -151,7 +176,8 @@ class _RunSettings:
     device: str = "auto"
     backend: str = "auto"  # sparse operations: auto | dgl | torch (dgl_crystalframer.sparse)
     threads: Optional[int] = None
-    num_workers: int = 0
+    deterministic: bool = False  # GPU: reductions in a fixed order (torch.use_deterministic_algorithms)
+    num_workers: Optional[int] = None  # DataLoader workers; None: 4 on a GPU (batching overlaps the steps), 0 on CPU
     out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
     resume: bool = False
     overwrite: bool = False  # start over in an out_dir that holds an unfinished run (its last.pt)
@@ -255,7 +281,7 @@ class _RunSettings:
             raise ConfigError("lr, lr_T and clip must be > 0 and weight_decay >= 0")
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers (got {self.betas})")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0 (got {self.num_workers})")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: use {', '.join(BACKENDS)}")
@@ -346,5 +372,5 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
-__all__ = ["BACKENDS", "ConfigError", "FRAME_TYPES", "SCHEDULES", "MODEL_FIELDS", "MODEL_PRESETS", "ModelConfig", "RUNTIME_FIELDS",
+__all__ = ["BACKENDS", "ConfigError", "FRAMES", "FRAME_TYPES", "FrameType", "SCHEDULES", "MODEL_FIELDS", "MODEL_PRESETS", "ModelConfig", "RUNTIME_FIELDS",
            "TRAIN_PRESETS", "TrainConfig", "default_out_dir", "model_config", "paper_schedule", "read_config_file"]

@@ -51,15 +51,14 @@ import torch
 from . import kernels as K
 from . import sparse as S
 from .basis import CANDIDATE_MIN_D2, TIE_TOL  # noqa: F401  (CANDIDATE_MIN_D2: part of this module's API)
-from .config import FRAME_TYPES
+from .config import FRAME_TYPES, FRAMES
 from .errors import ConfigError
 from .lattice import lattice_axes, normalize
 
 # Axes whose angular features the layer symmetrises over c -> -c where ``tied`` is set (module
-# doc); e3 unless listed.  The lattice frame is global, not orthogonal and made right-handed by
-# flipping all three axes, so a tie between candidates related by an improper symmetry can
-# reverse every axis: all three are symmetrised there.
-SYMMETRISED_AXES = {"lattice": (0, 1, 2)}
+# doc), and the node data each frame type reads: columns of the table ``config.FRAMES``.
+SYMMETRISED_AXES = {f.name: f.symmetrised_axes for f in FRAMES.values()}
+NODE_INPUTS = {f.name: f.node_inputs for f in FRAMES.values()}
 COLLINEAR_COS = 0.9999
 
 
@@ -119,12 +118,18 @@ def _max_style_frames(topo: S.Topology, score: torch.Tensor, rhat: torch.Tensor,
     if K.use_numba_frames(score):
         return K.max_style_frames(topo.indptr, topo.order, score, secondary, rhat, candidate, weights, TIE_TOL,
                                   COLLINEAR_COS)
+    # the comparisons in float64, as the numba kernel makes them: both paths pick the same edges
+    dtype = rhat.dtype
+    score, rhat, weights = score.double(), rhat.double(), weights.double()
+    secondary = secondary.double() if secondary is not None else None
     E, H = score.shape
     valid = candidate.unsqueeze(-1).expand(-1, H)
     i1, found1, tied1 = _segment_argmax(topo, score, valid, () if secondary is None else (secondary,))
     e1 = rhat[i1]  # [N, H, 3]
     # no candidate at all (isolated atom): there is no angular term to orient, any axis will do
-    e1 = torch.where(found1.unsqueeze(-1), e1, e1.new_tensor([1.0, 0.0, 0.0]).expand_as(e1))
+    x_axis = torch.zeros_like(e1)
+    x_axis.select(-1, 0).fill_(1.0)  # on the device: a tensor from host data would be a blocking copy on a GPU
+    e1 = torch.where(found1.unsqueeze(-1), e1, x_axis)
 
     r = rhat.view(E, 1, 3)
     mean_dir = S.edge_sum(topo, r, (weights * candidate.unsqueeze(-1)).unsqueeze(-1))  # [N, H, 3]
@@ -139,7 +144,7 @@ def _max_style_frames(topo: S.Topology, score: torch.Tensor, rhat: torch.Tensor,
     e2 = normalize(r2 - (r2 * e1).sum(-1, keepdim=True) * e1)
     e2 = torch.where(found2.unsqueeze(-1), e2, _perpendicular(e1))
     e3 = torch.cross(e1, e2, dim=-1)
-    return torch.stack([e1, e2, e3], dim=2), tied1 | (tied2 & found2)
+    return torch.stack([e1, e2, e3], dim=2).to(dtype), tied1 | (tied2 & found2)
 
 
 def max_frames(topo: S.Topology, logits: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
@@ -173,7 +178,12 @@ def _orient(axes: torch.Tensor, first: torch.Tensor, third: torch.Tensor, tol: f
 def weighted_pca_frames(topo: S.Topology, weights: torch.Tensor, rhat: torch.Tensor, candidate: torch.Tensor,
                         logits: torch.Tensor, eig_tol: float = 1e-3):
     """``weighted_pca`` frame from the attention weights [E, H] of this layer.
-    Returns (frames, tied) where tied marks axes of arbitrary sign and the max-frame fallback's ties."""
+    Returns (frames, tied) where tied marks axes of arbitrary sign and the max-frame fallback's ties.
+
+    On a GPU this frame makes the host wait twice per layer, unavoidably here: ``torch.linalg.eigh``
+    (cuSOLVER's convergence status is read back) and ``degenerate.any()``, which decides whether the
+    ``max`` fallback is computed at all (always computing it would cost a whole max frame per layer).
+    ``max``, ``static_local``, ``lattice`` and ``none`` make none (tests/test_syncs.py)."""
     N, (E, H) = topo.num_nodes, weights.shape
     w = (weights * candidate.unsqueeze(-1)).unsqueeze(-1)  # [E, H, 1], self image excluded
     outer = (rhat.unsqueeze(-1) * rhat.unsqueeze(-2)).reshape(E, 1, 9)
@@ -213,7 +223,11 @@ def pca_frames(topo: S.Topology, num_heads: int, pos_key: str = "pos", eig_tol: 
     their third moments.  Not cell-choice invariant, by construction (the paper's baseline).
     Where the spread is degenerate (one atom, collinear or coplanar-isotropic positions, cubic
     arrangements) the axes are arbitrary, so the ``lattice`` frame is used instead.
-    Returns (frames [N, H, 3, 3], tied [N, H]: an axis of arbitrary sign)."""
+    Returns (frames [N, H, 3, 3], tied [N, H]: an axis of arbitrary sign).
+
+    On a GPU ``torch.linalg.eigh`` makes the host wait once per layer (cuSOLVER's status), and
+    ``degenerate.any()`` once more for graphs without a stored lattice frame (not built by
+    ``build_graph``)."""
     if not topo.has_node_data(pos_key):
         raise KeyError(f"the 'pca' frame needs Cartesian positions in graph.ndata[{pos_key!r}]")
     pos = topo.node_data(pos_key).double()
@@ -272,19 +286,28 @@ def compute_frames(kind: str, topo: S.Topology, rhat: torch.Tensor, candidate: t
     candidate: [E] bool (not the self image); logits, weights, dist_logits: [E, H] attention
     logits, softmax weights, and the distance-only part of the logits.
     """
-    H = logits.shape[1]
-    if kind == "none":
-        return None, None
-    if kind == "max":
-        return max_frames(topo, logits, rhat, candidate, weights)
-    if kind == "static_local":
-        return static_local_frames(topo, dist_logits, rhat, candidate, logits, weights)
-    if kind == "weighted_pca":
-        return weighted_pca_frames(topo, weights, rhat, candidate, logits)
-    if kind == "pca":
-        frames, tied = pca_frames(topo, H)
-        return frames.to(rhat.dtype), tied
-    if kind == "lattice":
-        frames, tied = lattice_frames(topo, H)
-        return frames.to(rhat.dtype), tied
-    check_frame_type(kind)
+    return FRAME_FUNCTIONS[check_frame_type(kind)](topo, rhat, candidate, logits, weights, dist_logits)
+
+
+def _global(frame_fn):
+    """A per-structure frame (``pca``, ``lattice``) in the per-layer signature, in the layer's dtype."""
+    def frames(topo, rhat, candidate, logits, weights, dist_logits):
+        axes, tied = frame_fn(topo, logits.shape[1])
+        return axes.to(rhat.dtype), tied
+    return frames
+
+
+# The function of each row of ``config.FRAMES``, all called as
+# ``fn(topo, rhat, candidate, logits, weights, dist_logits) -> (frames, tied)``.
+FRAME_FUNCTIONS = {
+    "none": lambda topo, rhat, candidate, logits, weights, dist_logits: (None, None),
+    "max": lambda topo, rhat, candidate, logits, weights, dist_logits: max_frames(topo, logits, rhat, candidate,
+                                                                                  weights),
+    "static_local": lambda topo, rhat, candidate, logits, weights, dist_logits: static_local_frames(
+        topo, dist_logits, rhat, candidate, logits, weights),
+    "weighted_pca": lambda topo, rhat, candidate, logits, weights, dist_logits: weighted_pca_frames(
+        topo, weights, rhat, candidate, logits),
+    "pca": _global(pca_frames),
+    "lattice": _global(lattice_frames),
+}
+assert FRAME_FUNCTIONS.keys() == FRAMES.keys(), "config.FRAMES and frames.FRAME_FUNCTIONS list other frame types"

@@ -110,7 +110,10 @@ def _taps(indptr, cos, sym, chunk, half: int, S: int, M: int, mirror_axes):
     s, t = B.angle_segments(cos, half)
     taps = [(row + s, t.unsqueeze(-1) ** powers * (1.0 - half_w).unsqueeze(-1))]
     if mirror_axes:
-        ax = list(mirror_axes)
+        # a slice where the axes are contiguous (always, see config.FRAMES): indexing with
+        # a list would copy it to the device, blocking the host, in every call
+        lo, hi = min(mirror_axes), max(mirror_axes) + 1
+        ax = slice(lo, hi) if sorted(mirror_axes) == list(range(lo, hi)) else list(mirror_axes)
         s_m, t_m = B.angle_segments(-cos[:, :, ax], half)
         taps.append((row[:, :, ax] + s_m, t_m.unsqueeze(-1) ** powers * half_w[:, :, ax].unsqueeze(-1)))
     return taps

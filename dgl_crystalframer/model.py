@@ -3,13 +3,14 @@
 one ``config.ModelConfig``."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import sparse as S
 from .config import ModelConfig, model_config
+from .frames import NODE_INPUTS
 from .nn import CrystalFramerConv, edge_geometry
 from .structures import NUM_SPECIES
 
@@ -45,6 +46,9 @@ class CrystalFramer(nn.Module):
         super().__init__()
         c = model_config(**{**(config or ModelConfig()).as_dict(), **overrides})
         self.config = c
+        # the sparse backend's name (dgl | torch), chosen once by whoever runs the model (trainer,
+        # predictor); None: by the device of each batch (sparse.select_backend).  Not saved.
+        self.sparse_backend: Optional[str] = None
         self.frame, self.num_layers, self.rvec_key, self.species_key = c.frame, c.num_layers, c.rvec_key, c.species_key
         self.num_dist_basis, self.dist_basis_rmax = c.num_dist_basis, c.dist_basis_rmax
         self.embedding = nn.Linear(NUM_SPECIES, c.dim, bias=False)
@@ -89,10 +93,15 @@ class CrystalFramer(nn.Module):
         weight = self.embedding.weight
         x = self.embedding(graph.ndata[self.species_key].to(weight.device, weight.dtype, non_blocking=True))
         rvec = graph.edata[self.rvec_key].to(weight.device, weight.dtype, non_blocking=True)
-        geometry = edge_geometry(graph, rvec, self.num_dist_basis, self.dist_basis_rmax)  # shared by all layers
+        geometry = edge_geometry(graph, rvec, self.num_dist_basis, self.dist_basis_rmax,  # shared by all layers
+                                 backend=self.sparse_backend)
         for block in self.blocks:
             x = block(graph, x, geometry)
         return x, geometry.topo
+
+    def input_keys(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        """The graph data the model reads: (``ndata`` keys, ``edata`` keys)."""
+        return (self.species_key,) + NODE_INPUTS.get(self.frame, ()), (self.rvec_key,)
 
     def node_features(self, graph) -> torch.Tensor:
         """Per-atom features after the last block, [N, d]."""

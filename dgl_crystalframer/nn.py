@@ -32,13 +32,15 @@ class EdgeGeometry(NamedTuple):
 
 
 def edge_geometry(graph, rvec: torch.Tensor, num_dist_basis: int = B.DIST_BASIS_SIZE,
-                  dist_basis_rmax: float = B.DIST_BASIS_RMAX, topo: Optional[S.Topology] = None) -> EdgeGeometry:
+                  dist_basis_rmax: float = B.DIST_BASIS_RMAX, topo: Optional[S.Topology] = None,
+                  backend=None) -> EdgeGeometry:
     """Compute what depends only on the graph and the displacement vectors, once per batch (no
     gradient: the bases are functions of the geometry, which is an input).  ``rvec``'s device
-    is where the model runs; the graph may live elsewhere (a CPU DGLGraph with CUDA features)."""
+    is where the model runs; the graph may live elsewhere (a CPU DGLGraph with CUDA features).
+    ``backend``: the sparse backend's name (None: chosen by the device, ``sparse.select_backend``)."""
     rvec = rvec.detach()
     if topo is None:
-        topo = S.Topology.of(graph, rvec.device)
+        topo = S.Topology.of(graph, rvec.device, backend)
     dist2 = (rvec * rvec).sum(-1)
     candidate = dist2 > CANDIDATE_MIN_D2
     dist = dist2.sqrt()
@@ -223,6 +225,7 @@ class CrystalFramerConv(nn.Module):
         self.c_dist, self.c_angl = c_dist, c_angl
         self.r0, self.b, self.beta = r0, b, beta
         self.rvec_key, self.hist_budget = rvec_key, hist_budget
+        self.sparse_backend: Optional[str] = None  # dgl | torch | None (by device): see sparse.select_backend
 
         d, H, dh = in_feats, num_heads, self.head_dim
         self.fc_q, self.fc_k, self.fc_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
@@ -235,7 +238,7 @@ class CrystalFramerConv(nn.Module):
                 raise ValueError(f"num_angle_basis must be >= 2, got {num_angle_basis}")
             table, self.angle_half = B.angle_basis_table(num_angle_basis, angle_basis_width)
             self.register_buffer("angle_table", table.float(), persistent=False)  # follows .to(device/dtype)
-            self.mirror_axes = tuple(SYMMETRISED_AXES.get(frame, (2,))) if symmetrize_ties else ()
+            self.mirror_axes = tuple(SYMMETRISED_AXES[frame]) if symmetrize_ties else ()
             axes = torch.zeros(3, dtype=torch.bool)
             axes[list(self.mirror_axes)] = True
             self.register_buffer("symmetrised_axes", axes, persistent=False)
@@ -311,7 +314,8 @@ class CrystalFramerConv(nn.Module):
         if feat.shape != (graph.num_nodes(), self.in_feats):
             raise ValueError(f"feat must be [num_nodes={graph.num_nodes()}, in_feats={self.in_feats}], got {tuple(feat.shape)}")
         if geometry is None:
-            geometry = edge_geometry(graph, rvec.to(feat.device, feat.dtype), self.num_dist_basis, self.dist_basis_rmax)
+            geometry = edge_geometry(graph, rvec.to(feat.device, feat.dtype), self.num_dist_basis, self.dist_basis_rmax,
+                                     backend=self.sparse_backend)
         topo = geometry.topo
         N, H, dh = feat.shape[0], self.num_heads, self.head_dim
         q = self.fc_q(feat).view(N, H, dh)

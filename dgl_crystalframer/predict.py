@@ -135,15 +135,15 @@ class Predictor:
     def __init__(self, checkpoint: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], device: str = "auto",
                  batch_size: int = 64, backend: Optional[str] = None, **load_options: Any):
         self.device = sparse.resolve_device(device)
-        if backend is not None:
-            sparse.set_backend(backend)
-        self.backend = sparse.select_backend(self.device)
+        self.backend = sparse.select_backend(self.device, sparse.backend_from_env(backend))
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         if not paths:
             raise ConfigError("no checkpoint given")
         self.checkpoints = [str(p) for p in paths]
         loaded = [load_checkpoint(p, device=self.device, **load_options) for p in self.checkpoints]
         self.models = [model for model, _ in loaded]
+        for model in self.models:
+            model.sparse_backend = self.backend
         self.metas = [meta for _, meta in loaded]
         _check_members_agree(self.checkpoints, self.metas)
         self.model, self.meta = self.models[0], self.metas[0]
@@ -162,13 +162,16 @@ class Predictor:
     @torch.no_grad()
     def predict_members(self, graphs: Sequence[Any]) -> np.ndarray:
         """Predictions [members, crystals] (original units) for graphs from ``build_graph``, in batches."""
-        out = np.zeros((len(self.models), len(graphs)))
+        out: List[List[torch.Tensor]] = [[] for _ in self.models]
         for i in range(0, len(graphs), self.batch_size):
-            bg = to_device(dgl.batch(list(graphs[i:i + self.batch_size])), self.device)
-            for k, (model, normalizer) in enumerate(zip(self.models, self.normalizers)):
+            bg = to_device(dgl.batch(list(graphs[i:i + self.batch_size])), self.device, non_blocking=True,
+                           backend=self.backend)
+            for k, model in enumerate(self.models):
                 model.eval()
-                out[k, i:i + self.batch_size] = normalizer.decode(model(bg).reshape(-1).double().cpu().numpy())
-        return out
+                out[k].append(model(bg).reshape(-1).double())  # kept on the device: one copy back, at the end
+        if not len(graphs):
+            return np.zeros((len(self.models), 0))
+        return np.stack([n.decode(torch.cat(o).cpu().numpy()) for n, o in zip(self.normalizers, out)])
 
     def predict_graphs(self, graphs: Sequence[Any]) -> np.ndarray:
         """Predictions (original units; an ensemble's mean) for graphs from ``build_graph``."""

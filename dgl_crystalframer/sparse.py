@@ -26,10 +26,14 @@ Backends:
   ``scatter_reduce``) with hand-written backward passes that keep node-sized tensors only, so
   memory per edge stays that of the DGL kernels.  Any torch, any device.
 
-The choice is automatic (``select_backend``): ``dgl`` where DGL supports the device, ``torch``
-otherwise (CUDA tensors with DGL from PyPI, which is CPU-only).  ``--backend dgl|torch`` on the
-command line (``set_backend``) or ``DGL_CRYSTALFRAMER_BACKEND=dgl|torch`` override it.  Both give
-the same numbers to float rounding (tests/test_sparse.py).
+Each is a class behind one interface (:class:`SparseBackend`: ``DGLBackend``, ``TorchBackend``);
+a :class:`Topology` holds the one its batch uses and every operation below dispatches to it.
+The choice (``select_backend(device, requested)``) is made once, where a run starts: ``dgl``
+where DGL supports the device, ``torch`` otherwise (CUDA tensors with DGL from PyPI, which is
+CPU-only); ``--backend dgl|torch`` or ``DGL_CRYSTALFRAMER_BACKEND=dgl|torch`` (read by the entry
+points through ``backend_from_env``) override it.  The name is passed down explicitly: the
+trainer and the predictor set ``CrystalFramer.sparse_backend``, which the model hands to every
+topology it builds.  Both give the same numbers to float rounding (tests/test_sparse.py).
 
 No operation here synchronises a GPU: sizes come from the graph (Python ints), never from
 device tensors.  Building a topology does, once per batch: the padded layout needs the largest
@@ -49,7 +53,6 @@ from .errors import ConfigError, DeviceError
 
 BACKENDS = tuple(b for b in _CHOICES if b != "auto")  # ("dgl", "torch")
 BACKEND_ENV = "DGL_CRYSTALFRAMER_BACKEND"
-_requested: Optional[str] = None  # set_backend(); None: the environment variable, else auto
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -80,22 +83,20 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 
-def set_backend(name: Optional[str]) -> None:
-    """Force the sparse backend for this process: ``dgl``, ``torch``, or ``auto``/None (automatic)."""
-    global _requested
-    name = (name or "auto").strip().lower()
-    if name not in BACKENDS + ("auto",):
-        raise ConfigError(f"unknown backend {name!r}: use auto, dgl or torch")
-    _requested = None if name == "auto" else name
+def backend_from_env(requested: Optional[str] = "auto") -> str:
+    """What the user asked for: ``requested`` (a flag or config value) unless it is ``auto``/None,
+    then ``$DGL_CRYSTALFRAMER_BACKEND``, else ``auto``.  Read once, at an entry point (the trainer,
+    the predictor, the benchmarks), never inside the model."""
+    name = (requested or "auto").strip().lower()
+    if name != "auto":
+        return _check(name, "unknown backend {!r}: use auto, dgl or torch")
+    return _check(os.environ.get(BACKEND_ENV, "").strip().lower() or "auto",
+                  BACKEND_ENV + "={!r}: use dgl or torch (or leave it unset)")
 
 
-def requested_backend() -> str:
-    """What the user asked for: ``set_backend`` first, then ``$DGL_CRYSTALFRAMER_BACKEND``, else ``auto``."""
-    if _requested is not None:
-        return _requested
-    name = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+def _check(name: str, message: str) -> str:
     if name not in BACKENDS + ("auto",):
-        raise ConfigError(f"{BACKEND_ENV}={name!r}: use dgl or torch (or leave it unset)")
+        raise ConfigError(message.format(name))
     return name
 
 
@@ -115,10 +116,12 @@ def dgl_supports(device) -> bool:
     return _dgl_supports(torch.device(device).type)
 
 
-def select_backend(device) -> str:
-    """The backend for tensors on ``device``: the requested one, or ``dgl`` where DGL supports the
-    device and ``torch`` elsewhere.  Asking for ``dgl`` on a device DGL lacks raises RuntimeError."""
-    name = requested_backend()
+def select_backend(device, requested: Optional[str] = "auto") -> str:
+    """The backend name for tensors on ``device``: ``requested`` (``dgl``, ``torch``), or for
+    ``auto``/None ``dgl`` where DGL supports the device and ``torch`` elsewhere.  Asking for
+    ``dgl`` on a device DGL lacks raises DeviceError.  A pure function of its arguments: the
+    caller chooses once and passes the name down (``CrystalFramer.sparse_backend``)."""
+    name = _check((requested or "auto").strip().lower(), "unknown backend {!r}: use auto, dgl or torch")
     if name == "torch":
         return "torch"
     if dgl_supports(device):
@@ -139,12 +142,12 @@ class Topology:
     Build it with :meth:`of`, once per batch: every layer of a model shares it.
     """
 
-    def __init__(self, graph, device=None, backend: Optional[str] = None):
+    def __init__(self, graph, device=None, backend=None):
         src, dst = graph.edges()
         self.device = torch.device(device) if device is not None else src.device
-        self.backend = backend or select_backend(self.device)
-        if self.backend == "dgl" and not dgl_supports(self.device):
-            raise DeviceError(f"backend dgl: the installed DGL has no kernels for {self.device}. {CUDA_HELP}")
+        self.backend = backend if isinstance(backend, SparseBackend) else get_backend(select_backend(self.device, backend))
+        if not self.backend.supports(self.device):
+            raise DeviceError(f"backend {self.backend.name}: the installed DGL has no kernels for {self.device}. {CUDA_HELP}")
         self.source = graph
         self.src = src.to(self.device, torch.int64, non_blocking=True)
         self.dst = dst.to(self.device, torch.int64, non_blocking=True)
@@ -161,14 +164,19 @@ class Topology:
         dst_sorted = self.dst if self.order is None else self.dst[self.order]
         self.indptr = torch.searchsorted(dst_sorted, torch.arange(self.num_nodes + 1, device=self.device))
         self._graph = graph if _is_dgl_graph(graph) and graph.device == self.device else None
+        # the padded layout's width without reading it back from a GPU: known to a CrystalBatch made
+        # on CPU, or counted on a graph still on the CPU
+        self._max_degree = getattr(graph, "max_in_degree", None)
+        self._host_dst = dst if dst.device.type == "cpu" and self.device.type != "cpu" else None
         self._block = None
         self._pad_index: Optional[torch.Tensor] = None
         self._ndata: Dict[str, torch.Tensor] = {}
 
     @classmethod
-    def of(cls, graph, device=None, backend: Optional[str] = None) -> "Topology":
+    def of(cls, graph, device=None, backend=None) -> "Topology":
         """The topology of a ``DGLGraph`` (batched or not, on any device) or a
-        :class:`~dgl_crystalframer.batch.CrystalBatch`, placed on ``device`` (default: the graph's)."""
+        :class:`~dgl_crystalframer.batch.CrystalBatch`, placed on ``device`` (default: the graph's),
+        with ``backend`` (a name, a :class:`SparseBackend`, or None/``auto``: by device)."""
         return cls(graph, device, backend)
 
     # DGL objects, built on first use (dgl backend only)
@@ -198,8 +206,11 @@ class Topology:
         return self._max_degree
 
     def _build_pad_index(self) -> None:
-        degree = self.indptr[1:] - self.indptr[:-1]
-        self._max_degree = max(1, int(degree.max())) if self.num_nodes else 1  # one device sync per batch
+        if self._max_degree is None and self._host_dst is not None:
+            self._max_degree = max(1, int(torch.bincount(self._host_dst, minlength=self.num_nodes).max()))
+        if self._max_degree is None:
+            degree = self.indptr[1:] - self.indptr[:-1]
+            self._max_degree = max(1, int(degree.max())) if self.num_nodes else 1  # one device sync per batch
         sorted_pos = torch.arange(self.num_edges, device=self.device)
         if self.order is not None:  # position of each edge in the destination-sorted order
             sorted_pos = torch.empty_like(sorted_pos).index_copy_(0, self.order, sorted_pos)
@@ -303,71 +314,173 @@ class _EdgeSoftmax(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# the operations
+# the backends: one class each, behind one interface
+
+
+class SparseBackend:
+    """The sparse operations of one implementation (see the module doc for their meaning).  Adding a
+    backend is one subclass and one entry in ``SPARSE_BACKENDS``.  ``e_dot_v`` and ``edge_sum`` get
+    only the general forms here; their broadcasting forms are batched matmuls on every backend."""
+
+    name = ""
+
+    def supports(self, device) -> bool:
+        raise NotImplementedError
+
+    def u_dot_v(self, topo, u, v):
+        raise NotImplementedError
+
+    def e_dot_v(self, topo, x, v):
+        raise NotImplementedError
+
+    def e_mul_v(self, topo, x, v):
+        raise NotImplementedError
+
+    def edge_softmax(self, topo, logits):
+        raise NotImplementedError
+
+    def u_mul_e_sum(self, topo, u, x):
+        raise NotImplementedError
+
+    def edge_sum(self, topo, x, weight):
+        raise NotImplementedError
+
+    def copy_e_sum(self, topo, x):
+        raise NotImplementedError
+
+    def copy_e_max(self, topo, x):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class DGLBackend(SparseBackend):
+    """DGL's fused kernels, on the topology's ``DGLGraph`` (and edge -> atom block)."""
+
+    name = "dgl"
+
+    def supports(self, device) -> bool:
+        return dgl_supports(device)
+
+    def u_dot_v(self, topo, u, v):
+        return dglops.u_dot_v(topo.graph, u, v)
+
+    def e_dot_v(self, topo, x, v):
+        return dglops.e_dot_v(topo.graph, x, v)
+
+    def e_mul_v(self, topo, x, v):
+        return dglops.e_mul_v(topo.graph, x, v)
+
+    def edge_softmax(self, topo, logits):
+        return _dgl_edge_softmax(topo.graph, logits)
+
+    def u_mul_e_sum(self, topo, u, x):
+        return dglops.u_mul_e_sum(topo.graph, u, x)
+
+    def edge_sum(self, topo, x, weight):
+        return dglops.gspmm(topo.block, "mul", "sum", x, weight)
+
+    def copy_e_sum(self, topo, x):
+        return dglops.copy_e_sum(topo.graph, x)
+
+    def copy_e_max(self, topo, x):
+        return dglops.copy_e_max(topo.graph, x)
+
+
+class TorchBackend(SparseBackend):
+    """Plain index tensors (gathers, ``index_add_``, ``scatter_reduce``) with hand-written backward
+    passes that keep node-sized tensors only: any torch, any device."""
+
+    name = "torch"
+
+    def supports(self, device) -> bool:
+        return True
+
+    def u_dot_v(self, topo, u, v):
+        return _UDotV.apply(topo.src, topo.dst, u, v)
+
+    def e_dot_v(self, topo, x, v):
+        return (x * v[topo.dst]).sum(-1, keepdim=True)
+
+    def e_mul_v(self, topo, x, v):
+        return x * v[topo.dst]
+
+    def edge_softmax(self, topo, logits):
+        return _EdgeSoftmax.apply(topo.dst, topo.num_nodes, logits)
+
+    def u_mul_e_sum(self, topo, u, x):
+        return _UMulESum.apply(topo.src, topo.dst, topo.num_nodes, u, x)
+
+    def edge_sum(self, topo, x, weight):
+        prod = x * weight
+        return prod.new_zeros((topo.num_nodes,) + prod.shape[1:]).index_add_(0, topo.dst, prod)
+
+    def copy_e_sum(self, topo, x):
+        return x.new_zeros((topo.num_nodes,) + x.shape[1:]).index_add_(0, topo.dst, x)
+
+    def copy_e_max(self, topo, x):
+        return x.new_zeros((topo.num_nodes,) + x.shape[1:]).scatter_reduce_(0, _index(topo.dst, x), x, "amax",
+                                                                            include_self=False)
+
+
+SPARSE_BACKENDS: Dict[str, SparseBackend] = {b.name: b for b in (DGLBackend(), TorchBackend())}
+assert tuple(SPARSE_BACKENDS) == BACKENDS, "config.BACKENDS and sparse.SPARSE_BACKENDS list other backends"
+
+
+def get_backend(name: str) -> SparseBackend:
+    """The backend object of a name from ``select_backend``."""
+    return SPARSE_BACKENDS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# the operations, each run by the topology's backend
 
 
 def u_dot_v(topo: Topology, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """a[e] = u[src(e)] . v[dst(e)] over the last dim: [N, H, D] x [N, H, D] -> [E, H, 1]."""
-    if topo.backend == "dgl":
-        return dglops.u_dot_v(topo.graph, u, v)
-    return _UDotV.apply(topo.src, topo.dst, u, v)
+    return topo.backend.u_dot_v(topo, u, v)
 
 
 def e_dot_v(topo: Topology, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """a[e] = x[e] . v[dst(e)] over the last dim, broadcasting: [E, 1, D] x [N, K, D] -> [E, K, 1]."""
     if x.dim() == 3 and x.shape[1] == 1 and v.dim() == 3:  # one batched matmul per atom, both backends
         return topo.unpad(torch.bmm(topo.pad(x[:, 0]), v.transpose(1, 2))).unsqueeze(-1)
-    if topo.backend == "dgl":
-        return dglops.e_dot_v(topo.graph, x, v)
-    return (x * v[topo.dst]).sum(-1, keepdim=True)
+    return topo.backend.e_dot_v(topo, x, v)
 
 
 def e_mul_v(topo: Topology, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """a[e] = x[e] * v[dst(e)], broadcasting: [E, 1] x [N, H] -> [E, H]."""
-    if topo.backend == "dgl":
-        return dglops.e_mul_v(topo.graph, x, v)
-    return x * v[topo.dst]
+    return topo.backend.e_mul_v(topo, x, v)
 
 
 def edge_softmax(topo: Topology, logits: torch.Tensor) -> torch.Tensor:
     """Softmax of ``logits`` [E, H] over the incoming edges of each destination atom."""
-    if topo.backend == "dgl":
-        return _dgl_edge_softmax(topo.graph, logits)
-    return _EdgeSoftmax.apply(topo.dst, topo.num_nodes, logits)
+    return topo.backend.edge_softmax(topo, logits)
 
 
 def u_mul_e_sum(topo: Topology, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """y[i] = sum_{e -> i} u[src(e)] * x[e]: [N, H, D] x [E, H, 1] -> [N, H, D]."""
-    if topo.backend == "dgl":
-        return dglops.u_mul_e_sum(topo.graph, u, x)
-    return _UMulESum.apply(topo.src, topo.dst, topo.num_nodes, u, x)
+    return topo.backend.u_mul_e_sum(topo, u, x)
 
 
 def edge_sum(topo: Topology, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y[i] = sum_{e -> i} x[e] * weight[e], broadcasting ([E, 1, K] x [E, H, 1] -> [N, H, K]).
     The broadcast form [E, 1, K] x [E, H, 1] is one batched matmul over each atom's padded edge
-    list (both backends); others use DGL's kernel or an index_add."""
+    list (both backends); others use the backend's kernel."""
     if x.dim() == 3 and weight.dim() == 3 and x.shape[1] == 1 and weight.shape[2] == 1:
         return torch.bmm(topo.pad(weight[:, :, 0]).transpose(1, 2), topo.pad(x[:, 0]))
-    if topo.backend == "dgl":
-        return dglops.gspmm(topo.block, "mul", "sum", x, weight)
-    prod = x * weight
-    return prod.new_zeros((topo.num_nodes,) + prod.shape[1:]).index_add_(0, topo.dst, prod)
+    return topo.backend.edge_sum(topo, x, weight)
 
 
 def copy_e_sum(topo: Topology, x: torch.Tensor) -> torch.Tensor:
     """y[i] = sum_{e -> i} x[e]: [E, *] -> [N, *] (0 for atoms without edges)."""
-    if topo.backend == "dgl":
-        return dglops.copy_e_sum(topo.graph, x)
-    return x.new_zeros((topo.num_nodes,) + x.shape[1:]).index_add_(0, topo.dst, x)
+    return topo.backend.copy_e_sum(topo, x)
 
 
 def copy_e_max(topo: Topology, x: torch.Tensor) -> torch.Tensor:
     """y[i] = max_{e -> i} x[e]: [E, *] -> [N, *] (0 for atoms without edges, as DGL).  No gradient."""
-    if topo.backend == "dgl":
-        return dglops.copy_e_max(topo.graph, x)
-    return x.new_zeros((topo.num_nodes,) + x.shape[1:]).scatter_reduce_(0, _index(topo.dst, x), x, "amax",
-                                                                        include_self=False)
+    return topo.backend.copy_e_max(topo, x)
 
 
 def graph_mean(topo: Topology, x: torch.Tensor) -> torch.Tensor:
@@ -381,6 +494,7 @@ def per_graph_to_nodes(topo: Topology, values: torch.Tensor) -> torch.Tensor:
     return values[topo.node_graph]
 
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "Topology", "resolve_device", "copy_e_max", "copy_e_sum", "dgl_supports", "e_dot_v", "e_mul_v",
-           "edge_softmax", "edge_sum", "graph_mean", "per_graph_to_nodes", "requested_backend", "select_backend",
-           "set_backend", "u_dot_v", "u_mul_e_sum"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "DGLBackend", "SPARSE_BACKENDS", "SparseBackend", "Topology", "TorchBackend",
+           "backend_from_env", "copy_e_max", "copy_e_sum", "dgl_supports", "e_dot_v", "e_mul_v", "edge_softmax",
+           "edge_sum", "get_backend", "graph_mean", "per_graph_to_nodes", "resolve_device", "select_backend", "u_dot_v",
+           "u_mul_e_sum"]

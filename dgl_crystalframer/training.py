@@ -33,6 +33,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -58,6 +59,38 @@ from .plots import write_plots
 from .sources import NAMED_DATASETS
 from .schedule import Plan, Probe, Schedule, format_duration, parse_duration, plan_steps
 from .targets import Normalizer
+
+
+# training losses are read back (and checked) every this many steps: on CPU at once, before the
+# optimiser step; on a GPU in groups, so that the host runs ahead of the device
+READ_EVERY = {"cpu": 1, "cuda": 16}
+
+
+def default_num_workers(device: torch.device) -> int:
+    """DataLoader workers when the user sets none: on a GPU, batching (``dgl.batch``, ~16 ms at batch
+    256) would otherwise stall the device every step; on CPU the workers would take the cores the
+    model uses."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if torch.device(device).type == "cuda" else 0
+
+
+def make_loader(ds: Dataset, batch_size: int, collate: Callable, num_workers: int, pin_memory: bool,
+                **kwargs) -> DataLoader:
+    """The trainer's DataLoader: batches made in ``num_workers`` processes, kept alive across epochs
+    and a few batches ahead of the model (persistent workers, prefetch), pinned for a GPU."""
+    workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+    return DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                      **workers, **kwargs)
+
+
+def use_deterministic(device: torch.device, backend: str) -> None:
+    """Bitwise repeatable training steps on a GPU: torch's deterministic algorithms (``index_add_``
+    becomes a sorted, fixed-order sum instead of float atomics; cuBLAS a fixed workspace).  DGL's
+    CUDA kernels have no such mode, so the GPU needs the torch backend.  On CPU every step is
+    repeatable already (the kernels sum in a fixed order); the switch costs nothing there."""
+    if device.type == "cuda" and backend == "dgl":
+        raise ConfigError("--deterministic on a GPU needs --backend torch (DGL's CUDA kernels sum with atomics)")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first step
+    torch.use_deterministic_algorithms(True)
 
 
 def load_splits(cfg: TrainConfig, progress: bool = True):
@@ -169,6 +202,7 @@ class Trainer:
         # the state that a resume restores
         self.plan: Optional[Plan] = None
         self._probe = Probe()  # a budgeted run's speed, until it has a plan
+        self._deterministic_before = torch.are_deterministic_algorithms_enabled()  # restored after fit
         self.step = 0
         self.epoch = 0  # completed epochs
         self.history: List[Dict[str, Any]] = []
@@ -211,8 +245,9 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
             self.device = device
-        sparse.set_backend(cfg.backend)
-        self.backend = sparse.select_backend(self.device)
+        self.backend = sparse.select_backend(self.device, sparse.backend_from_env(cfg.backend))  # once, passed down
+        if cfg.deterministic:
+            use_deterministic(self.device, self.backend)
         seed_everything(cfg.seed)
 
         t0 = time.perf_counter()
@@ -235,10 +270,15 @@ class Trainer:
         self.unit = str(info.get("unit") or cfg.unit or "")
         self.cutoff = float(info.get("cutoff") or cfg.cutoff or default_cutoff())
 
-        # DataLoader workers batch on CPU; the torch backend gets plain tensors (pinned for a GPU)
-        self.collate = collate_for(self.device, self.backend)
-        self.pin_memory = self.device.type == "cuda"
         model = build_model(cfg.model_config())
+        model.sparse_backend = self.backend
+        # DataLoader workers batch on CPU; the torch backend gets plain tensors (pinned for a GPU),
+        # only those the model reads
+        self.collate = collate_for(self.device, self.backend, model.input_keys())
+        self.pin_memory = self.device.type == "cuda"
+        self.num_workers = default_num_workers(self.device) if cfg.num_workers is None else cfg.num_workers
+        self._train_loader: Optional[DataLoader] = None
+        self._eval_loaders: Dict[int, Tuple[Dataset, DataLoader]] = {}
         self.frame = model.config.frame
         model.to(self.device)
         self.model = model
@@ -358,7 +398,7 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         t0 = time.perf_counter()
-        self.model(to_device(bg, self.device))
+        self.model(to_device(bg, self.device, backend=self.backend))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.model.train(was)
@@ -417,14 +457,17 @@ class Trainer:
             self.plan = plan
 
     # -- loops --------------------------------------------------------------------------------
+    def _loader(self, ds: Dataset, batch_size: int, **kwargs) -> DataLoader:
+        return make_loader(ds, batch_size, self.collate, self.num_workers, self.pin_memory, **kwargs)
+
     def _train_epoch(self, epoch: int) -> Dict[str, Any]:
         cfg = self.cfg
-        self.sampler.set_epoch(epoch)
-        gen = torch.Generator()
-        gen.manual_seed(cfg.seed + epoch)
-        loader = DataLoader(self.train_ds, batch_size=self.per_rank_batch, sampler=self.sampler,
-                            collate_fn=self.collate, num_workers=cfg.num_workers, generator=gen,
-                            pin_memory=self.pin_memory)
+        self.sampler.set_epoch(epoch)  # the shuffle of this epoch; the loader (and its workers) is reused
+        if self._train_loader is None:
+            gen = torch.Generator()
+            gen.manual_seed(cfg.seed)
+            self._train_loader = self._loader(self.train_ds, self.per_rank_batch, sampler=self.sampler, generator=gen)
+        loader = self._train_loader
         self.ddp.train()
         from tqdm.auto import tqdm
 
@@ -434,13 +477,31 @@ class Trainer:
                    file=sys.stderr)
         loss_sum = torch.zeros((), dtype=torch.float64)
         n_seen, in_swa = 0, False
+        # (loss, gradient norm) of the steps not yet read back: on a GPU they are read every
+        # READ_EVERY steps in one transfer, not once a step, so that the host runs ahead of the device
+        pending: List[Tuple[torch.Tensor, int, int, float]] = []
+        read_every = READ_EVERY.get(self.device.type, READ_EVERY["cuda"])
+
+        def read_back() -> None:
+            nonlocal loss_sum, n_seen
+            if not pending:
+                return
+            values = torch.stack([p[0] for p in pending]).tolist()  # the one device sync of read_every steps
+            for (loss_v, gnorm_v), (_, n, step, lr) in zip(values, pending):
+                if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+                    raise TrainingDiverged(
+                        f"non-finite training loss ({loss_v}) or gradient norm ({gnorm_v}) at epoch {epoch + 1}, "
+                        f"step {step} (lr {lr:.3g}); try a smaller lr or check the targets")
+                loss_sum += loss_v * n
+                n_seen += n
+            pending.clear()
         probe = self._probe if self.plan is None else None
         epoch_start = t0 = t_step = time.perf_counter()
         planning = 0.0
         for bg, y in loader:
             if self.plan is not None and self.step >= self.plan.total_steps:
                 break  # a budgeted run may end mid-epoch
-            bg = to_device(bg, self.device, non_blocking=True)
+            bg = to_device(bg, self.device, non_blocking=True, backend=self.backend)
             y = y.to(self.device, non_blocking=True).reshape(len(y), -1)[:, 0].float()
             yn = self.normalizer.encode(y)
             pred = self.ddp(bg).reshape(-1)
@@ -448,12 +509,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
-            loss_v, gnorm_v = torch.stack([loss.detach(), gnorm.to(loss.dtype)]).tolist()  # one device sync a step
-            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
-                raise TrainingDiverged(
-                    f"non-finite training loss ({loss_v}) or gradient norm ({gnorm_v}) at epoch {epoch + 1}, "
-                    f"step {self.step + 1} (lr {self.lr_at(self.step):.3g}); try a smaller lr or check the targets")
             lr = self.lr_at(self.step)
+            pending.append((torch.stack([loss.detach(), gnorm.to(loss.dtype)]), len(y), self.step + 1, lr))
+            if len(pending) >= read_every:
+                read_back()  # on CPU before the optimiser step: a non-finite step never changes the weights
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
@@ -463,13 +522,13 @@ class Trainer:
                     self.swa = SWA(self.model)
                 self.swa.update(self.model)
                 in_swa = True
-            loss_sum += loss_v * len(y)
-            n_seen += len(y)
             now = time.perf_counter()
             if probe is not None:
                 probe.add(now - t_step)
                 # small epochs: the probe goes on into the next ones, so the plan never rests on warm-up steps
                 if probe.counted >= 20 or self._elapsed() > 0.2 * self.budget:
+                    read_back()  # the device catches up: the time so far is its time
+                    now = time.perf_counter()
                     self.timers["train"] += now - t0  # the plan counts the time spent so far
                     self._make_plan(probe.seconds_per_step or (now - t_step))
                     t0 = time.perf_counter()
@@ -477,9 +536,10 @@ class Trainer:
                     probe = None
             t_step = now
             bar.update(1)
-            if bar.n % 5 == 0 or bar.n == self.steps_per_epoch:
+            if n_seen and (bar.n % 5 == 0 or bar.n == self.steps_per_epoch):
                 bar.set_postfix(loss=f"{float(loss_sum) / n_seen:.4f}",
                                 cryst_s=f"{n_seen * self.dist.world / (now - epoch_start - planning + 1e-9):.0f}")
+        read_back()
         end = time.perf_counter()
         self.timers["train"] += end - t0
         seconds = end - epoch_start - planning
@@ -498,11 +558,12 @@ class Trainer:
         was_training = model.training
         model.eval()
         items = list(range(self.dist.rank, len(ds), self.dist.world))
-        loader = DataLoader(_Subset(ds, items), batch_size=self.cfg.eval_batch_size, shuffle=False,
-                            collate_fn=self.collate, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory)
+        if id(ds) not in self._eval_loaders:  # one per dataset, its workers kept between evaluations
+            self._eval_loaders[id(ds)] = (ds, self._loader(_Subset(ds, items), self.cfg.eval_batch_size, shuffle=False))
+        loader = self._eval_loaders[id(ds)][1]
         preds, targets = [], []
         for bg, y in loader:
-            preds.append(model(to_device(bg, self.device, non_blocking=True)).reshape(-1).double())
+            preds.append(model(to_device(bg, self.device, non_blocking=True, backend=self.backend)).reshape(-1).double())
             targets.append(y.reshape(len(y), -1)[:, 0].double())
         model.train(was_training)
         p = self.normalizer.decode(torch.cat(preds).cpu()).numpy() if preds else np.zeros(0)
@@ -527,6 +588,8 @@ class Trainer:
         try:
             return self._fit(epoch_callback)
         finally:
+            torch.use_deterministic_algorithms(self._deterministic_before)
+            self._train_loader, self._eval_loaders = None, {}  # their worker processes end here
             if self.dist.owned and dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -593,6 +656,7 @@ class Trainer:
             candidates["swa"] = (self.swa.module, self.epoch)
         if self.best_state is not None:
             best_model = build_model(self.meta["model_config"]).to(self.device)
+            best_model.sparse_backend = self.backend
             best_model.load_state_dict(self.best_state)
             candidates["best"] = (best_model, self.best_epoch)
         # the model the schedule promises; the others are reported beside it

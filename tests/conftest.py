@@ -12,12 +12,12 @@ from dgl_crystalframer.sources import SAMPLE_PATH
 
 
 @pytest.fixture
-def backend():
-    """Run with a backend forced, and leave the process as it was."""
+def backend(monkeypatch):
+    """Run with ``$DGL_CRYSTALFRAMER_BACKEND`` set (what the entry points read), and unset after."""
     def use(name):
-        sparse.set_backend(name)
+        monkeypatch.setenv(sparse.BACKEND_ENV, name)
+    monkeypatch.delenv(sparse.BACKEND_ENV, raising=False)
     yield use
-    sparse.set_backend("auto")
 
 
 @pytest.fixture(scope="module")

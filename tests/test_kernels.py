@@ -97,7 +97,7 @@ def test_numba_and_torch_frames_agree(frame, monkeypatch):
         f_numba, tied_numba = compute_frames(*args)
         monkeypatch.setattr(kernels, "BACKEND", "torch")
         f_torch, tied_torch = compute_frames(*args)
-        assert (f_numba - f_torch).abs().max() < 1e-5
+        assert (f_numba - f_torch).abs().max() < 1e-6  # the same float64 comparisons on both paths
         assert torch.equal(tied_numba, tied_torch) and tied_numba.any()
 
 

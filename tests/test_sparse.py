@@ -18,9 +18,9 @@ BATCH = dgl.batch([build_graph(s) for s in STRUCTURES + [nacl()]])
 
 def run_model(frame, graph, backend_name, dtype=torch.float32, steps=0, seed=0):
     """Predictions and gradients of a 2-layer model (sigma normaliser recorded on ``graph``)."""
-    sparse.set_backend(backend_name)
     torch.manual_seed(seed)
     model = CrystalFramer(frame=frame, num_layers=2).to(dtype)
+    model.sparse_backend = backend_name
     model.train()
     out = model(graph)
     (out ** 2).sum().backward()
@@ -80,9 +80,9 @@ def test_training_steps_give_the_same_losses(backend):
 @pytest.mark.parametrize("frame", INVARIANT_FRAMES)
 def test_torch_backend_is_invariant(frame, backend):
     """Rotation, atom order and cell choice, as tests/test_model.py checks for the default backend."""
-    backend("torch")
     torch.manual_seed(0)
     model = CrystalFramer(frame=frame, num_layers=2)
+    model.sparse_backend = "torch"
     model.train()
     model(dgl.batch([build_graph(s) for s in STRUCTURES]))
     model.eval()
@@ -100,7 +100,6 @@ def test_torch_backend_is_invariant(frame, backend):
 
 
 def test_selector_picks_dgl_where_dgl_runs_and_torch_elsewhere(monkeypatch, backend):
-    monkeypatch.delenv(sparse.BACKEND_ENV, raising=False)
     assert sparse.select_backend("cpu") == "dgl"
     # a CUDA device with DGL from PyPI (CPU-only): plain PyTorch
     monkeypatch.setattr(sparse, "dgl_supports", lambda device: torch.device(device).type == "cpu")
@@ -112,19 +111,43 @@ def test_selector_picks_dgl_where_dgl_runs_and_torch_elsewhere(monkeypatch, back
 
 
 def test_selector_overrides(monkeypatch, backend):
-    monkeypatch.setenv(sparse.BACKEND_ENV, "torch")
-    assert sparse.select_backend("cpu") == "torch"
-    backend("dgl")  # the command line (set_backend) wins over the environment
-    assert sparse.select_backend("cpu") == "dgl"
+    """The request is explicit: a flag wins over the environment, which wins over ``auto``; the
+    environment is read by the entry points (``backend_from_env``), never by the selection itself."""
+    backend("torch")
+    assert sparse.backend_from_env("auto") == "torch" and sparse.backend_from_env(None) == "torch"
+    assert sparse.backend_from_env("dgl") == "dgl"  # the command line wins over the environment
+    assert sparse.select_backend("cpu") == "dgl"  # not read here
+    assert sparse.select_backend("cpu", "torch") == "torch"
     monkeypatch.setattr(sparse, "dgl_supports", lambda device: torch.device(device).type == "cpu")
     with pytest.raises(RuntimeError, match="--backend torch"):
-        sparse.select_backend(torch.device("cuda", 0))
-    backend("auto")
-    monkeypatch.setenv(sparse.BACKEND_ENV, "tensorflow")
+        sparse.select_backend(torch.device("cuda", 0), "dgl")
+    backend("tensorflow")
     with pytest.raises(ValueError, match="DGL_CRYSTALFRAMER_BACKEND"):
-        sparse.select_backend("cpu")
+        sparse.backend_from_env("auto")
     with pytest.raises(ValueError, match="unknown backend"):
-        sparse.set_backend("jax")
+        sparse.select_backend("cpu", "jax")
+
+
+def test_backends_are_objects_behind_one_interface():
+    """Each backend is one class; a topology holds the one it uses and every operation goes to it."""
+    g = build_graph(nacl())
+    calls = []
+
+    class Counting(sparse.TorchBackend):
+        def copy_e_sum(self, topo, x):
+            calls.append("copy_e_sum")
+            return super().copy_e_sum(topo, x)
+
+    topo = sparse.Topology.of(g, backend=Counting())
+    assert isinstance(topo.backend, Counting) and topo.backend.name == "torch"
+    x = torch.ones(g.num_edges(), 2)
+    assert torch.equal(sparse.copy_e_sum(topo, x), sparse.copy_e_sum(sparse.Topology.of(g, backend="dgl"), x))
+    assert calls == ["copy_e_sum"]
+    assert set(sparse.SPARSE_BACKENDS) == set(sparse.BACKENDS)
+    for b in sparse.SPARSE_BACKENDS.values():
+        assert all(getattr(type(b), op) is not getattr(sparse.SparseBackend, op)
+                   for op in ("u_dot_v", "e_dot_v", "e_mul_v", "edge_softmax", "u_mul_e_sum", "edge_sum", "copy_e_sum",
+                              "copy_e_max", "supports")), b
 
 
 def test_real_dgl_support_query():
@@ -140,7 +163,6 @@ def test_cuda_matches_cpu(frame, dtype, backend):
     """The model on a GPU (DGL's CUDA kernels or plain PyTorch, whichever the install has) against
     the same weights on the CPU with DGL's kernels: outputs and gradients."""
     cpu_out, cpu_grads, _ = run_model(frame, BATCH, "dgl", dtype)
-    sparse.set_backend("auto")
     torch.manual_seed(0)
     model = CrystalFramer(frame=frame, num_layers=2).to(dtype).cuda()
     model.train()

@@ -311,3 +311,44 @@ def test_parity_plot_names_the_source_of_the_true_values(small_data, tmp_path, m
                         lambda fig, path, **kw: labels.update({Path(path).name: fig.axes[0].get_xlabel()}))
     train_and_evaluate(tiny_config(small_data, tmp_path / "p", epochs=1, plots=True))
     assert labels["parity.png"] == "true e_form"  # the user's own data: not "DFT"
+
+
+def test_workers_and_losses_read_back_in_groups_give_the_same_run(small_data, tmp_path, monkeypatch):
+    """DataLoader workers (one loader kept across epochs) and the GPU's grouped loss read-back
+    (here forced on CPU) change nothing in the results; a non-finite step is still named."""
+    from dgl_crystalframer import training
+
+    base = train_and_evaluate(tiny_config(small_data, tmp_path / "a", epochs=2))
+    monkeypatch.setattr(training, "READ_EVERY", {"cpu": 3, "cuda": 16})
+    grouped = train_and_evaluate(tiny_config(small_data, tmp_path / "b", epochs=2, num_workers=2))
+    assert grouped["test_mae"] == base["test_mae"]
+    assert grouped["best_val_mae"] == base["best_val_mae"] and grouped["steps"] == base["steps"]
+
+    from dgl_crystalframer.model import CrystalFramer
+
+    forward, calls = CrystalFramer.forward, []
+
+    def nan_from_step_2(self, g):
+        calls.append(self.training)
+        return forward(self, g) * (float("nan") if sum(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(CrystalFramer, "forward", nan_from_step_2)
+    with pytest.raises(FloatingPointError, match="epoch 1, step 2 "):
+        train_and_evaluate(tiny_config(small_data, tmp_path / "nan"))
+
+
+@pytest.mark.parametrize("backend", ["dgl", "torch"])
+def test_deterministic_runs_every_operation_and_changes_nothing_on_cpu(small_data, tmp_path, backend):
+    """--deterministic: torch's deterministic algorithms accept every operation of a training step
+    (both backends), and on CPU, whose sums already run in a fixed order, the numbers are the same."""
+    plain = train_and_evaluate(tiny_config(small_data, tmp_path / "a", epochs=1, backend=backend))
+    det = train_and_evaluate(tiny_config(small_data, tmp_path / "b", epochs=1, backend=backend, deterministic=True))
+    assert det["test_mae"] == plain["test_mae"]
+    assert not torch.are_deterministic_algorithms_enabled()  # the process is left as it was
+
+
+def test_deterministic_refuses_dgl_kernels_on_a_gpu():
+    from dgl_crystalframer.training import use_deterministic
+
+    with pytest.raises(ConfigError, match="--backend torch"):
+        use_deterministic(torch.device("cuda"), "dgl")

@@ -60,8 +60,8 @@ def main(argv=None, prog: str = "dgl-crystalframer invariance") -> int:
     unknown = [f for f in frames if f not in FRAMES]
     if unknown:
         p.error(f"unknown frame type(s) {unknown}; choose from {', '.join(FRAMES)}")
-    sparse.set_backend(args.backend)
     device = sparse.resolve_device(args.device)
+    backend = sparse.select_backend(device, sparse.backend_from_env(args.backend))
     entries = json.loads(gzip.decompress(Path(SAMPLE_PATH).read_bytes()))["entries"]
     picked = sorted((e for e in entries if all(isinstance(x, str) for x in e["species"])), key=lambda e: len(e["species"]))
     structures = [Structure(Lattice(e["lattice"]), e["species"], e["frac_coords"]) for e in picked[::97][: args.n]]
@@ -76,6 +76,7 @@ def main(argv=None, prog: str = "dgl-crystalframer invariance") -> int:
     for frame in frames:
         torch.manual_seed(0)
         model = CrystalFramer(frame=frame).to(device)
+        model.sparse_backend = backend
         model.train()
         model(base)  # records the sigma normaliser
         model.eval()

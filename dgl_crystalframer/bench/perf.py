@@ -41,13 +41,14 @@ import torch
 
 from .. import _openmp, sparse
 from .._dgl import dgl
-from ..batch import to_device
+from ..batch import collate_for, to_device
 from ..config import FRAME_TYPES as FRAMES
 from ..data import load_dataset
 from ..graph import graph_from_arrays
 from ..model import CrystalFramer
 from ..sources import SAMPLE_PATH
 from ..structures import CrystalArrays, structure_to_arrays
+from ..training import make_loader
 
 TARGETS = {  # the performance issue's targets on 2 CPU cores (frame max)
     "train_crystals_per_s": (">=", 60.0),
@@ -71,9 +72,11 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def make_model(frame: str, seed: int = 0) -> CrystalFramer:
+def make_model(frame: str, seed: int = 0, backend=None) -> CrystalFramer:
     torch.manual_seed(seed)
-    return CrystalFramer(frame=frame)  # the paper's default: 4 layers, d=128, 8 heads, D=64
+    model = CrystalFramer(frame=frame)  # the paper's default: 4 layers, d=128, 8 heads, D=64
+    model.sparse_backend = backend  # None: by device
+    return model
 
 
 def train_step_fn(model: torch.nn.Module, batches: Sequence, forward=None) -> Callable[[], None]:
@@ -107,6 +110,69 @@ def sample_graphs(n: int) -> List[Any]:
     d = load_dataset("megnet_sample", "e_form", progress=False)
     graphs = [d.train[i][0] for i in range(min(n, len(d.train)))]
     return graphs
+
+
+def sample_dataset(n: int):
+    """The first ``n`` (graph, target) items of the sample's training split, as the trainer's loader reads them."""
+    d = load_dataset("megnet_sample", "e_form", progress=False)
+    return torch.utils.data.Subset(d.train, range(min(n, len(d.train))))
+
+
+def bench_loader(ds, device: torch.device, frame: str, batch_size: int, workers: int, steps: int,
+                 warmup: int = 2, backend=None) -> float:
+    """Training crystals/s end to end: the trainer's DataLoader (``training.make_loader``: collate in
+    ``workers`` processes, only the tensors the model reads, pinned and copied without blocking on a
+    GPU) feeding forward, backward and AdamW, as ``train`` runs them.  The first ``warmup`` batches
+    (worker start, allocator) are not timed; the device is synchronised at both ends of the timing."""
+    model = make_model(frame, backend=backend).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    gen = torch.Generator()
+    gen.manual_seed(0)
+    collate = collate_for(device, backend, model.input_keys())
+    loader = make_loader(ds, batch_size, collate, workers, device.type == "cuda", shuffle=True, generator=gen,
+                         drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"{len(ds)} crystals make no batch of {batch_size}")
+
+    def epochs():  # as many epochs as the steps need (the workers persist between them)
+        while True:
+            yield from loader
+
+    n, t0 = 0, None
+    for i, (bg, y) in enumerate(epochs()):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        if i == warmup + steps:
+            break
+        bg = to_device(bg, device, non_blocking=True, backend=backend)
+        y = y.to(device, non_blocking=True)[:, 0]
+        loss = torch.nn.functional.l1_loss(model(bg), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(y) if i >= warmup else 0
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_data_path(ds, device: torch.device, frames: Sequence[str], batch_size: int, workers: Sequence[int],
+                    steps: int, backend=None) -> Dict[str, Dict[str, float]]:
+    """{frame: {"premoved": crystals/s, "workers_<k>": crystals/s}}: batches made and moved beforehand
+    (what the other training figures time) beside the same steps fed by the DataLoader."""
+    graphs = [ds[i][0] for i in range(batch_size * steps)]
+    out: Dict[str, Dict[str, float]] = {}
+    for frame in frames:
+        batches = _on(device, graphs, batch_size, steps, backend)
+        step = train_step_fn(make_model(frame, backend=backend).to(device), batches)
+        row = {"premoved": batch_size / device_time(step, device, steps)}
+        for k in workers:
+            row[f"workers_{k}"] = bench_loader(ds, device, frame, batch_size, k, steps, backend=backend)
+        out[frame] = row
+        print(f"  data path, {device}, frame {frame}, batch {batch_size}: " +
+              ", ".join(f"{k} {v:.1f}" for k, v in row.items()) + " crystals/s", flush=True)
+    return out
 
 
 def sample_arrays(n: int) -> List[CrystalArrays]:
@@ -145,11 +211,11 @@ def bench_graph_build(n: int) -> Dict[str, float]:
             "edges_per_atom": edges / atoms, "atoms_per_crystal": atoms / len(arrays), "graph_build_n": len(arrays)}
 
 
-def bench_training(graphs, frames: Sequence[str], repeats: int, batch_size: int = 64) -> Dict[str, float]:
+def bench_training(graphs, frames: Sequence[str], repeats: int, batch_size: int = 64, backend=None) -> Dict[str, float]:
     batches = train_batches(graphs, batch_size, repeats)
     out = {}
     for frame in frames:
-        step = train_step_fn(make_model(frame), batches)
+        step = train_step_fn(make_model(frame, backend=backend), batches)
         out[frame] = batch_size / median_time(step, repeats)
         print(f"  training, frame {frame:13s} {out[frame]:7.1f} crystals/s", flush=True)
     return out
@@ -280,8 +346,8 @@ def device_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmu
     return float(np.median(times))
 
 
-def _on(device, graphs, batch_size: int, n_batches: int):
-    return [(to_device(bg, device), y.to(device)) for bg, y in train_batches(graphs, batch_size, n_batches)]
+def _on(device, graphs, batch_size: int, n_batches: int, backend=None):
+    return [(to_device(bg, device, backend=backend), y.to(device)) for bg, y in train_batches(graphs, batch_size, n_batches)]
 
 
 def count_syncs(fn: Callable[[], Any], device: torch.device) -> int:
@@ -301,19 +367,61 @@ def count_syncs(fn: Callable[[], Any], device: torch.device) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def host_device_split(step: Callable[[], Any], device: torch.device) -> Dict[str, float]:
+    """One step's host time (until ``step`` returns: launching, Python, and any wait for the
+    device), its wall time (until the device is done), the device's busy time and the number of
+    ATen operations dispatched (torch.profiler).  host close to wall: the step is host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    host = time.perf_counter() - t0
+    _sync(device)
+    wall = time.perf_counter() - t0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    return {"host_ms": 1000 * host, "wall_ms": 1000 * wall, "device_busy_ms": 1000 * busy, "aten_calls": float(ops)}
+
+
+def identical_steps(frame: str, device: torch.device, batch, deterministic: bool = False, backend=None) -> bool:
+    """Whether two training steps from the same weights on the same batch give bitwise equal weights
+    (``deterministic``: with ``torch.use_deterministic_algorithms``, as ``train --deterministic``)."""
+    state = {k: v.clone() for k, v in make_model(frame).state_dict().items()}
+    bg, y = batch
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        results = []
+        for _ in range(2):
+            model = make_model(frame, backend=backend).to(device)
+            model.load_state_dict(state)
+            train_step_fn(model, [(bg, y)])()
+            results.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    return all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def bench_device(graphs, device: torch.device, frames: Sequence[str], repeats: int,
-                 batch_sizes: Sequence[int] = (64, 256), n_single: int = 50) -> Dict[str, Any]:
+                 batch_sizes: Sequence[int] = (64, 256), n_single: int = 50, dataset=None,
+                 workers: Sequence[int] = (0, 4), backend=None, scaling: bool = True) -> Dict[str, Any]:
     """Training and inference speed, peak device memory, device syncs per step, and agreement
     with the CPU (DGL kernels) for each frame type, on ``device`` with the backend it selects."""
-    out: Dict[str, Any] = {"device": str(device), "backend": sparse.select_backend(device), "frames": {}}
+    out: Dict[str, Any] = {"device": str(device), "backend": sparse.select_backend(device, backend), "frames": {}}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     for frame in frames:
         row: Dict[str, Any] = {}
         for bs in batch_sizes:
             n = max(1, min(repeats, len(graphs) // bs))
-            batches = _on(device, graphs, bs, n)
-            model = make_model(frame).to(device)
+            batches = _on(device, graphs, bs, n, backend)
+            model = make_model(frame, backend=backend).to(device)
             step = train_step_fn(model, batches)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -322,44 +430,77 @@ def bench_device(graphs, device: torch.device, frames: Sequence[str], repeats: i
             if device.type == "cuda":
                 row[f"peak_memory_mb_b{bs}"] = torch.cuda.max_memory_allocated(device) / 2**20
             row[f"syncs_per_step_b{bs}"] = count_syncs(step, device)
-        model = make_model(frame).to(device)
+            for k, v in host_device_split(step, device).items():
+                row[f"{k}_per_step_b{bs}"] = v
+            if dataset is not None:  # the same steps fed by the trainer's DataLoader
+                for w in workers:
+                    row[f"loader_w{w}_crystals_per_s_b{bs}"] = bench_loader(dataset, device, frame, bs, w, repeats, backend=backend)
+        big_batch = _on(device, graphs, max(batch_sizes), 1, backend)[0]
+        for key, det in (("bitwise_identical_steps", False), ("bitwise_identical_steps_deterministic", True)):
+            try:
+                row[key] = float(identical_steps(frame, device, big_batch, det, backend))
+            except RuntimeError as exc:  # an operation without a deterministic version: say which
+                row[key] = float("nan")
+                print(f"  {key}, frame {frame}: {str(exc).splitlines()[0]}", flush=True)
+        model = make_model(frame, backend=backend).to(device)
         model.train()
-        model(_on(device, graphs, 64, 1)[0][0])  # record the sigma normaliser
+        model(_on(device, graphs, 64, 1, backend)[0][0])  # record the sigma normaliser
         model.eval()
         with torch.no_grad():
-            singles = [bg for bg, _ in _on(device, graphs, 1, n_single)]
+            singles = [bg for bg, _ in _on(device, graphs, 1, n_single, backend)]
             row["infer_ms_batch1"] = 1000 * float(np.median([device_time(lambda g=g: model(g), device, 1, 0)
                                                              for g in singles[1:]] or [float("nan")]))
-            big, _ = _on(device, graphs, max(batch_sizes), 1)[0]
+            big, _ = _on(device, graphs, max(batch_sizes), 1, backend)[0]
             row["infer_ms_batched"] = 1000 * device_time(lambda: model(big), device, repeats) / big.batch_size
             row["syncs_inference_batched"] = count_syncs(lambda: model(big), device)
             if device.type != "cpu":  # the same weights on the CPU with DGL's kernels
-                cpu_model = make_model(frame)
+                cpu_model = make_model(frame)  # DGL's kernels on the CPU
                 cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
                 cpu_model.eval()
                 cpu_batch, _ = train_batches(graphs, 64, 1)[0]
                 a = cpu_model(cpu_batch)
-                b = model(_on(device, graphs, 64, 1)[0][0]).cpu()
+                b = model(_on(device, graphs, 64, 1, backend)[0][0]).cpu()
                 row["cpu_vs_device_max_rel_diff"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
         out["frames"][frame] = row
         print(f"  {device} ({out['backend']}), frame {frame}: " + ", ".join(
             f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float)), flush=True)
-    out["scaling"] = bench_scaling_on(device, repeats)
+    if scaling:
+        out["scaling"] = bench_scaling_on(device, repeats, backend=backend)
     return out
 
 
-def bench_scaling_on(device: torch.device, repeats: int, frame: str = "max", n_scaling: int = 64) -> Dict[str, Any]:
+def bench_scaling_on(device: torch.device, repeats: int, frame: str = "max", n_scaling: int = 64,
+                     backend=None) -> Dict[str, Any]:
     """One training step on the same crystals as 1x .. 8x supercells on ``device``: times and slope."""
     base = sample_arrays(n_scaling)
     rows = []
     for factor, reps in ((1, (1, 1, 1)), (2, (2, 1, 1)), (4, (2, 2, 1)), (8, (2, 2, 2))):
         graphs = [graph_from_arrays(supercell(a, reps)) for a in base]
         bg = dgl.batch(graphs)
-        batches = _on(device, graphs, len(graphs), 1)
-        step = train_step_fn(make_model(frame).to(device), batches)
+        batches = _on(device, graphs, len(graphs), 1, backend)
+        step = train_step_fn(make_model(frame, backend=backend).to(device), batches)
         rows.append({"factor": factor, "edges": bg.num_edges(), "step_seconds": device_time(step, device, repeats)})
     slope = float(np.polyfit(np.log([r["edges"] for r in rows]), np.log([r["step_seconds"] for r in rows]), 1)[0])
     return {"rows": rows, "slope": slope}
+
+
+def profile_steps(device: torch.device, frames: Sequence[str] = ("none", "max"), batch_size: int = 256) -> None:
+    """Print torch.profiler's table of one training step per frame type (after 3 warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = sample_graphs(batch_size)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for frame in frames:
+        step = train_step_fn(make_model(frame).to(device), _on(device, graphs, batch_size, 1))
+        for _ in range(3):
+            step()
+        _sync(device)
+        with profile(activities=activities) as prof:
+            step()
+            _sync(device)
+        print(f"frame {frame}, one training step at batch {batch_size} on {device}")
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
 
 
 def format_device_report(rep: Dict[str, Any]) -> str:
@@ -373,9 +514,10 @@ def format_device_report(rep: Dict[str, Any]) -> str:
             v = rep["frames"][f].get(k)
             cells.append(f"{v:12.4g}" if isinstance(v, (int, float)) else f"{'-':>12s}")
         lines.append(f"{k:40s}" + "".join(cells))
-    for r in rep["scaling"]["rows"]:
-        lines.append(f"scaling {r['factor']}x supercells, {r['edges']} edges: {r['step_seconds']:.4f} s/step")
-    lines.append(f"scaling slope (log time vs log edges): {rep['scaling']['slope']:.2f}")
+    if "scaling" in rep:
+        for r in rep["scaling"]["rows"]:
+            lines.append(f"scaling {r['factor']}x supercells, {r['edges']} edges: {r['step_seconds']:.4f} s/step")
+        lines.append(f"scaling slope (log time vs log edges): {rep['scaling']['slope']:.2f}")
     return "\n".join(lines)
 
 
@@ -448,6 +590,8 @@ def format_report(perf: Dict[str, Any]) -> str:
         row(f"training, batch 64, frame {frame} (crystals/s)", v)
     for frame, v in perf["train_peak_rss_mb"].items():
         row(f"  peak RSS training, frame {frame} (MB, +steps)", f"{v['peak_rss_mb']:.0f} (+{v['peak_extra_mb']:.0f})", "{}")
+    for frame, r in (perf.get("data_path") or {}).items():
+        row(f"  frame {frame}: pre-moved / loader w0 / w2", " / ".join(f"{v:.1f}" for v in r.values()), "{}")
     row("inference, batch 1, frame max (ms/crystal)", perf["infer_ms_batch1"], "{:.2f}")
     row(f"inference, batch {perf['infer_batch']}, frame max (ms/crystal)", perf["infer_ms_batched"], "{:.2f}")
     if "infer_none_ms_batch1" in perf:
@@ -495,6 +639,8 @@ def build_parser(prog: str = "dgl-crystalframer perf") -> argparse.ArgumentParse
                         "64 and 256, inference, peak memory, syncs per step, scaling, agreement with the CPU)")
     p.add_argument("--backend", choices=("auto", "dgl", "torch"), default="auto",
                    help="sparse backend for the device report (default: auto)")
+    p.add_argument("--profile", metavar="DEVICE",
+                   help="only print a torch.profiler table of one training step at batch 256 (frames none, max) on DEVICE")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # scaling | memory-<frame> | omp-<policy> | kernels-torch | backend-torch
     return p
 
@@ -504,14 +650,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
-    sparse.set_backend(args.backend)
+    backend = sparse.backend_from_env(args.backend)  # chosen once here, passed down
+    # cuBLAS reads this when it starts: set before any GPU work, for the deterministic comparison
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = sparse.resolve_device(args.device)
-    if device.type != "cpu" or args.backend != "auto":
+    if device.type != "cpu" or backend != "auto":
         frames = [f.strip() for f in args.frames.split(",") if f.strip()] if args.frames != ",".join(FRAMES) else ["none", "max"]
         t_start = time.perf_counter()
         n = 256 if args.quick else 1024
-        rep = {"machine": machine_info(args.threads), **bench_device(sample_graphs(n), device, frames, args.repeats,
-                                                                      n_single=10 if args.quick else 50)}
+        ds = sample_dataset(max(n, 256 * (args.repeats + 2)))
+        graphs = [ds[i][0] for i in range(n)]
+        rep = {"machine": machine_info(args.threads), **bench_device(graphs, device, frames, args.repeats,
+                                                                      n_single=10 if args.quick else 50, dataset=ds,
+                                                                      backend=backend)}
         rep["seconds"] = time.perf_counter() - t_start
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -521,6 +672,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
         print(f"\nwritten {out / 'perf_device.json'} ({rep['seconds']:.0f} s)")
         return 0
 
+    if args.profile:
+        profile_steps(sparse.resolve_device(args.profile))
+        return 0
     if args.worker == "scaling":
         print(json.dumps(bench_scaling(args.repeats)))
         return 0
@@ -534,7 +688,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
         print(json.dumps(bench_training(sample_graphs(64 * args.repeats), ["max"], args.repeats)))
         return 0
     if args.worker == "backend-torch":
-        print(json.dumps(bench_training(sample_graphs(64 * args.repeats), ["none", "max"], args.repeats)))
+        print(json.dumps(bench_training(sample_graphs(64 * args.repeats), ["none", "max"], args.repeats, backend="torch")))
         return 0
 
     frames = [f.strip() for f in args.frames.split(",") if f.strip()]
@@ -550,6 +704,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "dgl-crystalframer perf"
     perf.update(_worker("scaling", args))
     print("training ...", flush=True)
     perf["train_crystals_per_s"] = bench_training(graphs, frames, args.repeats)
+    print("training through the DataLoader (num_workers 0 and 2) beside pre-moved batches ...", flush=True)
+    perf["data_path"] = bench_data_path(sample_dataset(64 * (args.repeats + 2)), torch.device("cpu"),
+                                        [f for f in ("none", "max") if f in frames], 64, (0, 2), args.repeats)
     print("peak memory, one fresh process per frame type ...", flush=True)
     perf["train_peak_rss_mb"] = {frame: _worker(f"memory-{frame}", args) for frame in frames}
     perf["peak_rss_mb"] = perf["train_peak_rss_mb"].get("max", {}).get("peak_rss_mb")

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ..config import BACKENDS, FRAME_TYPES, SCHEDULES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
+from ..config import BACKENDS, FRAMES, FRAME_TYPES, SCHEDULES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
 from ..errors import ConfigError
 
-FRAME_LABELS = {"none": "Crystalformer (no frames)", "max": "max frames", "weighted_pca": "weighted PCA frames",
-                "static_local": "static local frames", "pca": "PCA frames", "lattice": "lattice frames"}
+FRAME_LABELS = {f.name: f.label for f in FRAMES.values()}
 
 
 def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentParser:
@@ -70,6 +69,12 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
                    help="sparse operations: DGL's kernels or plain PyTorch [default: auto = dgl where the installed "
                         "DGL supports the device, else torch]")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="on a GPU: bitwise repeatable steps (sums in a fixed order instead of atomics; slower, "
+                        "backend torch); on CPU steps are repeatable anyway")
+    p.add_argument("--num-workers", type=int, dest="num_workers",
+                   help="DataLoader worker processes that batch crystals while the model trains "
+                        "[default: 4 on a GPU, 0 on CPU]")
     p.add_argument("--data-dir", dest="data_dir", help="folder holding (or receiving) the jarvis-tools dataset files")
     p.add_argument("--cache-dir", dest="cache_dir", help="graph cache folder")
     p.add_argument("--config", help="YAML/JSON file of TrainConfig keys (flags override it)")
@@ -84,7 +89,8 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
 
 
 FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "time_budget", "schedule", "epochs", "swa_epochs", "batch_size",
-             "lr", "unit", "max_train", "device", "backend", "threads", "data_dir", "cache_dir", "out_dir", "resume", "overwrite", "seed")
+             "lr", "unit", "max_train", "device", "backend", "threads", "num_workers", "deterministic", "data_dir", "cache_dir",
+             "out_dir", "resume", "overwrite", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

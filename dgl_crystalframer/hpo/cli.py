@@ -100,6 +100,8 @@ def sweep_parser(prog: str = "dgl-crystalframer hpo") -> argparse.ArgumentParser
     g.add_argument("--time-budget", dest="time_budget", metavar="DURATION",
                    help="train each trial for this long (e.g. 5m), all included; replaces --epochs")
     g.add_argument("--device", help="TrainConfig.device (default: auto)")
+    g.add_argument("--num-workers", type=int, dest="num_workers",
+                   help="TrainConfig.num_workers: DataLoader workers per trial (default: 4 on a GPU, 0 on CPU)")
     g.add_argument("--seed", type=int, help="TrainConfig.seed (default: 123)")
     g.add_argument("--set", dest="fixed", action="append", type=_key_value, default=[],
                    metavar="KEY=VALUE", help="any other TrainConfig field, repeatable")
@@ -192,7 +194,7 @@ def main_sweep(argv: list[str], prog: str = "dgl-crystalframer hpo") -> int:
         if getattr(args, flag) is not None:
             specs[name] = getattr(args, flag)
     space = space_mod.narrow(space_mod.SPACE, specs)
-    for key in ("epochs", "time_budget", "device", "seed"):
+    for key in ("epochs", "time_budget", "device", "num_workers", "seed"):
         if getattr(args, key) is not None:
             fixed[key] = getattr(args, key)
     fixed.update(dict(args.fixed))
