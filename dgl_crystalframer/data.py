@@ -22,7 +22,8 @@ from .errors import DataError
 from .graph_cache import build_graphs, cache_for
 from .sources import SPLITS, Entry, Source, open_source
 from .splits import SPLIT_SEED, assign_splits
-from .targets import TARGETS, resolve_target, to_float
+from .datasets import dataset_spec
+from .targets import to_float
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def load_dataset(
     """
     cutoff = default_cutoff() if cutoff is None else float(cutoff)
     src = open_source(source, data_dir)
+    spec = dataset_spec(src.name)
     key, unit, tinfo = _target_key(src, source, target)
     joint = list(tinfo.joint) if (tinfo is not None and key in tinfo.joint) else [key]
 
@@ -98,7 +100,7 @@ def load_dataset(
             skipped.append(e.id)
             continue
         usable.append((e, vals[joint.index(key)]))
-    log_unit_note = _maybe_log10(src, key, usable)
+    log_unit_note = _maybe_log10(src, key, tinfo, usable)
     if log_unit_note:
         usable = [(e, math.log10(v)) for e, v in usable if v > 0]
     if skipped:
@@ -126,7 +128,12 @@ def load_dataset(
                        src.label, len(failed))
 
     parts: Dict[str, Tuple[List[Any], List[float], List[str]]] = {s: ([], [], []) for s in SPLITS}
+    max_atoms = spec.train_max_atoms if spec is not None else None  # the reference recipe's training filter
+    too_large = []
     for e, y, s in chosen:
+        if s == "train" and max_atoms is not None and e.id in graphs and graphs[e.id].num_nodes() > max_atoms:
+            too_large.append(e.id)
+            continue
         if e.id in graphs and e.id not in failed:
             parts[s][0].append(graphs[e.id])
             parts[s][1].append(y)
@@ -137,8 +144,8 @@ def load_dataset(
         raise DataError(f"{src.label}: zero usable entries for target {key!r} ({len(skipped)} missing targets, "
                         f"{len(failed)} failed structures)")
     info = {
-        "source": source if src.name in ("megnet_sample", "dft_3d_2021", "megnet") else src.name,
-        "path": src.extra.get("path") or (None if src.name == "megnet_sample" else os.path.abspath(os.path.expanduser(str(source)))),
+        "source": source if spec is not None else src.name,
+        "path": src.extra.get("path") or (None if spec is not None else os.path.abspath(os.path.expanduser(str(source)))),
         "target": key,
         "unit": unit,
         "split": protocol,
@@ -150,11 +157,15 @@ def load_dataset(
         "n_failed": len(failed),
         "failed": failed,
         "n_unassigned": sum(1 for s in assignment if s is None),
+        "n_train_too_large": len(too_large),
         "cache": cache.folder if cache is not None else None,
         **stats,
     }
     if log_unit_note:
         info["note"] = log_unit_note
+    if too_large:
+        logger.warning("%s: %d training crystals with more than %d atoms left out, as the reference recipe does (first: %s)",
+                       src.label, len(too_large), max_atoms, ", ".join(too_large[:5]))
     logger.info("%s/%s: %d train / %d val / %d test (%s split); %d skipped (target), %d failed structures; "
                 "%d graphs built in %.1f s, %d from cache",
                 src.label, key, info["sizes"]["train"], info["sizes"]["val"], info["sizes"]["test"], protocol,
@@ -163,11 +174,10 @@ def load_dataset(
 
 
 def _target_key(src: Source, source: str, target: Optional[str]):
-    if src.name in TARGETS:
-        if target is None:
-            raise DataError(f"{source}: choose a target: {', '.join(TARGETS[src.name])}")
-        key = resolve_target(src.name, target)
-        t = TARGETS[src.name][key]
+    spec = dataset_spec(src.name)
+    if spec is not None:
+        key = spec.resolve_target(spec.default_target if target is None else target)
+        t = spec.targets[key]
         return key, t.unit, t
     # user data
     if target is None:
@@ -188,14 +198,14 @@ def _target_key(src: Source, source: str, target: Optional[str]):
     return target, "", None
 
 
-def _maybe_log10(src: Source, key: str, usable: List[Tuple[Entry, float]]) -> Optional[str]:
-    """jarvis "megnet" bulk/shear moduli: take log10 if the file holds GPa rather than log10(GPa)."""
-    if src.name != "megnet" or key not in ("bulk modulus", "shear modulus") or not usable:
+def _maybe_log10(src: Source, key: str, tinfo, usable: List[Tuple[Entry, float]]) -> Optional[str]:
+    """Targets marked ``log10_if_gpa`` (jarvis "megnet" moduli): take log10 if the file holds GPa rather than log10(GPa)."""
+    if tinfo is None or not tinfo.log10_if_gpa or not usable:
         return None
     median = float(np.median([y for _, y in usable]))
     if median > 10.0:  # log10 of realistic moduli is < 3; a median above 10 can only be GPa
         note = f"'{key}' values look like GPa (median {median:.3g}); using log10 of the positive ones"
-        logger.info("megnet: %s", note)
+        logger.info("%s: %s", src.label, note)
         return note
     return None
 

@@ -55,6 +55,7 @@ from .distributed import DistInfo, init_distributed, rng_state, seed_everything,
 from .model import build_model
 from .plots import write_plots
 from .schedule import Plan, Probe, Schedule, format_duration, parse_duration, plan_steps
+from .datasets import dataset_spec
 from .targets import Normalizer
 
 
@@ -598,7 +599,7 @@ class Trainer:
         steady_seconds = sum(h["train_seconds"] for h in steady)
         result = {
             "dataset": cfg.dataset, "target": self.target, "unit": self.unit, "frame": self.frame,
-            "preset": cfg.preset, "model_preset": cfg.model_preset, "sample_size_run": cfg.dataset == "megnet_sample",
+            "preset": cfg.preset, "model_preset": cfg.model_preset, "sample_size_run": _sample_of(cfg.dataset) is not None,
             "n_train": len(self.train_ds), "n_val": len(self.val_ds), "n_test": len(self.test_ds),
             "split": self.info.get("split"),
             "reported_model": reported, "test_mae": models[reported]["test_mae"], "val_mae": models[reported]["val_mae"],
@@ -649,6 +650,12 @@ class Trainer:
                       f"{format_duration(self._elapsed())} in all; results in {self.out / 'results.json'}")
         self.result = result
         return result
+
+
+def _sample_of(dataset: str) -> Optional[str]:
+    """The full dataset that ``dataset`` is a sample of (the embedded MP sample: megnet), else None."""
+    spec = dataset_spec(dataset)
+    return spec.sample_of if spec is not None else None
 
 
 def _plain(obj: Any) -> Any:

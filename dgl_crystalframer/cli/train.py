@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..config import BACKENDS, FRAME_TYPES, SCHEDULES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
+from ..datasets import DATASETS, DEFAULT_DATASET
 from ..errors import ConfigError
 
 FRAME_LABELS = {"none": "Crystalformer (no frames)", "max": "max frames", "weighted_pca": "weighted PCA frames",
@@ -36,8 +37,8 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
                     "(formation energy, official split membership), frame max, preset quick (minutes on a laptop).",
         epilog="Precedence: TrainConfig defaults < preset < --config FILE < command-line flags.",
     )
-    p.add_argument("--dataset", help="dft_3d_2021, megnet, megnet_sample, or a path to your own dataset (CSV, folder "
-                                     "with id_prop.csv, JSON/JSON.zip) [default: megnet_sample]")
+    p.add_argument("--dataset", help=f"{', '.join(DATASETS)}, or a path to your own dataset (CSV, folder "
+                                     f"with id_prop.csv, JSON/JSON.zip) [default: {DEFAULT_DATASET}]")
     p.add_argument("--target", help="target key, e.g. e_form, gap_pbe, formation_energy_peratom, mbj_bandgap "
                                     "[default: the dataset's formation energy]")
     p.add_argument("--frame", choices=FRAME_TYPES + ("all",), help="frame type, or 'all' for the ablation [default: max]")
