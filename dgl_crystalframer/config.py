@@ -99,7 +99,7 @@ TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
 }
 REPORTED_MODELS = ("swa", "best", "final")
 # Fields that may differ between an interrupted run and its resumption.
-RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "out_dir", "resume", "progress", "plots", "data_dir",
+RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "build_workers", "out_dir", "resume", "progress", "plots", "data_dir",
                   "cache_dir", "reported_model")
 
 
@@ -149,6 +149,7 @@ class _RunSettings:
     backend: str = "auto"  # sparse operations: auto | dgl | torch (dgl_crystalframer.sparse)
     threads: Optional[int] = None
     num_workers: int = 0
+    build_workers: Optional[int] = None  # processes building missing graphs; None: the cores
     out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
     resume: bool = False
     progress: bool = True
@@ -239,7 +240,7 @@ class _RunSettings:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {v})")
-        for name in ("max_train", "max_eval", "threads"):
+        for name in ("max_train", "max_eval", "threads", "build_workers"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1 or unset (got {v})")

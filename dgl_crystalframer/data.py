@@ -20,6 +20,7 @@ import torch
 from .basis import default_cutoff
 from .errors import DataError
 from .graph_cache import build_graphs, cache_for
+from .graph_store import GraphList, num_atoms
 from .sources import SPLITS, Entry, Source, open_source
 from .splits import SPLIT_SEED, assign_splits
 from .datasets import dataset_spec
@@ -31,7 +32,11 @@ _LOG_EACH = 20  # structure failures logged one by one (WARNING); the rest go to
 
 
 class CrystalGraphDataset(torch.utils.data.Dataset):
-    """A list of crystal graphs with one target each: items are ``(graph, target float32 [1])``."""
+    """Crystal graphs with one target each: items are ``(graph, target float32 [1])``.
+
+    ``graphs``: DGLGraphs, or a ``graph_store.GraphList`` of graphs in the on-disk cache, read when
+    an item is fetched (what ``load_dataset`` gives with a cache).
+    """
 
     def __init__(self, graphs: Sequence[Any], targets: Any, ids: Sequence[str], target: str = "", unit: str = ""):
         arr = np.asarray(targets, dtype=np.float32)
@@ -41,7 +46,7 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
             raise ValueError(f"{len(ids)} ids for {len(graphs)} graphs")
         if torch.isnan(targets).any():
             raise ValueError("targets contain NaN (entries with missing targets must be dropped before)")
-        self.graphs = list(graphs)
+        self.graphs = graphs if isinstance(graphs, GraphList) else GraphList(list(graphs))
         self.targets = targets
         self.ids = [str(i) for i in ids]
         self.target = target
@@ -78,12 +83,15 @@ def load_dataset(
     seed: int = SPLIT_SEED,
     progress: bool = True,
     use_cache: bool = True,
+    build_workers: Optional[int] = None,
 ) -> DatasetSplits:
     """Load ``source`` for ``target`` and split it; see the module docstring.
 
     split: "auto" | "paper" | "random" | "leaderboard" | "column" (``splits.py``).  cutoff: neighbour cutoff in Angstrom
     (None: ``basis.default_cutoff()``).  Entries with missing / non-finite targets and
-    structures that fail are skipped, counted in ``info`` and logged.
+    structures that fail are skipped, counted in ``info`` and logged.  ``build_workers``: processes
+    that build missing graphs (None: the cores).  With the cache (``use_cache``), the splits hold
+    references to the graphs on disk, read as batches need them.
     """
     cutoff = default_cutoff() if cutoff is None else float(cutoff)
     src = open_source(source, data_dir)
@@ -119,7 +127,7 @@ def load_dataset(
     # 3. graphs
     chosen = [(e, y, s) for (e, y), s in zip(usable, assignment) if s is not None]
     cache = cache_for(src, cutoff, cache_dir) if use_cache else None
-    graphs, failed_all, stats = build_graphs([e for e, _, _ in chosen], cutoff, cache, progress, src.label)
+    graphs, failed_all, stats = build_graphs([e for e, _, _ in chosen], cutoff, cache, progress, src.label, build_workers)
     failed = {e.id: failed_all[e.id] for e, _, _ in chosen if e.id in failed_all}
     if failed:
         for k, (fid, reason) in enumerate(failed.items()):
@@ -131,7 +139,7 @@ def load_dataset(
     max_atoms = spec.train_max_atoms if spec is not None else None  # the reference recipe's training filter
     too_large = []
     for e, y, s in chosen:
-        if s == "train" and max_atoms is not None and e.id in graphs and graphs[e.id].num_nodes() > max_atoms:
+        if s == "train" and max_atoms is not None and e.id in graphs and num_atoms(graphs[e.id]) > max_atoms:
             too_large.append(e.id)
             continue
         if e.id in graphs and e.id not in failed:

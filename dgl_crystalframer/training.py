@@ -64,7 +64,7 @@ def load_splits(cfg: TrainConfig, progress: bool = True):
     from .data import load_dataset
 
     return load_dataset(cfg.dataset, cfg.target, progress=progress, data_dir=cfg.data_dir, split=cfg.split,
-                        cutoff=cfg.cutoff, cache_dir=cfg.cache_dir, seed=cfg.split_seed)
+                        cutoff=cfg.cutoff, cache_dir=cfg.cache_dir, seed=cfg.split_seed, build_workers=cfg.build_workers)
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:

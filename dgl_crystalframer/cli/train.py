@@ -71,6 +71,8 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--data-dir", dest="data_dir", help="folder holding (or receiving) the jarvis-tools dataset files")
     p.add_argument("--cache-dir", dest="cache_dir", help="graph cache folder")
+    p.add_argument("--build-workers", type=int, dest="build_workers", metavar="N",
+                   help="processes that build missing graphs (an interrupted build resumes) [default: the cores]")
     p.add_argument("--config", help="YAML/JSON file of TrainConfig keys (flags override it)")
     p.add_argument("--out", dest="out_dir", help="output folder [default: runs/<dataset>-<target>-<frame>]")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
@@ -80,7 +82,8 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
 
 
 FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "time_budget", "schedule", "epochs", "swa_epochs", "batch_size",
-             "lr", "unit", "max_train", "device", "backend", "threads", "data_dir", "cache_dir", "out_dir", "resume", "seed")
+             "lr", "unit", "max_train", "device", "backend", "threads", "data_dir", "cache_dir", "build_workers", "out_dir",
+             "resume", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
