@@ -22,6 +22,7 @@ process's resident memory.  About 19 bytes per edge and 30 per atom (a DGL graph
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Dict, List, NamedTuple, Sequence, Tuple, Union
 
@@ -83,7 +84,7 @@ def decode_graph(raw: bytes):
     a: Dict[str, np.ndarray] = {}
     offset = 16
     for name, dtype, shape in _fields(n, e, m):
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         a[name] = np.frombuffer(raw, dtype, count, offset).reshape(shape)
         offset += count * np.dtype(dtype).itemsize
     dst = np.repeat(np.arange(n, dtype=np.int64), a["indeg"])

@@ -52,14 +52,15 @@ def test_readme_python_snippet_runs(index, tmp_path):
 
 def _parser_for(words):
     """(parser, arguments) of a README command line, or None for lines that are not ours."""
-    from dgl_crystalframer.bench import invariance, perf
+    from dgl_crystalframer.bench import invariance, perf, scaling
     from dgl_crystalframer.cli import COMMANDS
     from dgl_crystalframer.cli import predict as predict_cli
     from dgl_crystalframer.cli import train as train_cli
     from dgl_crystalframer.hpo import cli as hpo_cli
 
     parsers = {"train": train_cli.build_parser, "predict": predict_cli.build_parser, "hpo": hpo_cli.sweep_parser,
-               "report": hpo_cli.report_parser, "perf": perf.build_parser, "invariance": invariance.build_parser}
+               "report": hpo_cli.report_parser, "perf": perf.build_parser, "invariance": invariance.build_parser,
+               "scaling": scaling.build_parser}
     assert set(parsers) == set(COMMANDS)
     if "torchrun" in words[:1]:
         words = words[words.index("-m"):]
@@ -68,9 +69,10 @@ def _parser_for(words):
         rest = words[1:] if words[0] == "dgl-crystalframer" else words[3:]
         assert rest and rest[0] in parsers, f"unknown command in README: {' '.join(words)}"
         return parsers[rest[0]](), rest[1:]
-    if words[:2] == ["python", "-m"] and words[2] in ("benchmarks.jarvis", "benchmarks.perf", "benchmarks.invariance"):
-        return parsers[{"benchmarks.jarvis": "train", "benchmarks.perf": "perf",
-                        "benchmarks.invariance": "invariance"}[words[2]]](), words[3:]
+    wrappers = {"benchmarks.jarvis": "train", "benchmarks.perf": "perf", "benchmarks.invariance": "invariance",
+                "benchmarks.scaling": "scaling"}
+    if words[:2] == ["python", "-m"] and words[2] in wrappers:
+        return parsers[wrappers[words[2]]](), words[3:]
     if words[:3] == ["python", "-m", "hpo"]:
         if words[3:4] == ["report"]:
             return parsers["report"](), words[4:]

@@ -164,7 +164,7 @@ def _run_child(spec: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
+def build_parser(prog: str = "dgl-crystalframer scaling") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="20000,100000,200000", help="dataset sizes (crystals) [default: %(default)s]")
     p.add_argument("--memory-max", type=int, default=20000,
