@@ -14,6 +14,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dgl_crystalframer.cli import run_command
+from dgl_crystalframer.datasets import dataset_spec
 from dgl_crystalframer.cli.train import (FRAME_LABELS, RESULT_HEADER, by_frame, fmt, main as train_main, result_row,
                                          run_lines, spread_lines, table)
 
@@ -49,17 +50,17 @@ MP_PUBLISHED: List[Tuple[str, Optional[str], Tuple[float, ...]]] = [
     ("Crystalformer", "none", (0.0186, 0.198, 0.0377, 0.0689)),
     ("CrystalFramer (max frames)", "max", (0.0172, 0.185, 0.0338, 0.0677)),
 ]
-FULL_SIZE = {"megnet": "60,000 MP crystals (MP 2018.6.1, JARVIS-Leaderboard split)",
-             "dft_3d_2021": "44,578 JARVIS-DFT crystals (dft_3d_2021, 80/10/10 split)"}
 
 
 def published_rows(dataset: str, target: Optional[str]) -> Tuple[Optional[str], List[Tuple[str, Optional[str], float]]]:
     """(table name, [(model, frame, published MAE)]) for this dataset/target; (None, []) if none."""
     t = MP_ALIASES.get(str(target), str(target))
+    spec = dataset_spec(dataset)
+    dataset = (spec.sample_of or spec.name) if spec is not None else dataset  # a sample compares with its full set
     if dataset in ("dft_3d_2021", "dft_3d") and t in JARVIS_COLUMNS:
         i = JARVIS_COLUMNS.index(t)
         return "JARVIS-DFT 3D 2021", [(name, frame, vals[i]) for name, frame, vals in JARVIS_PUBLISHED]
-    if dataset in ("megnet", "megnet_sample") and t in MP_COLUMNS:
+    if dataset == "megnet" and t in MP_COLUMNS:
         i = MP_COLUMNS.index(t)
         return "Materials Project 2018.6.1 (megnet)", [(name, frame, vals[i]) for name, frame, vals in MP_PUBLISHED]
     return None, []
@@ -72,12 +73,16 @@ def format_table(results: Sequence[Dict[str, Any]]) -> str:
     table_name, rows = published_rows(dataset, target)
     ours = by_frame(results)
     lines: List[str] = [f"Test MAE, {dataset} / {target}" + (f" ({unit})" if unit else "")]
-    sample = dataset == "megnet_sample" or any(r.get("config", {}).get("max_train") for r in results)
+    spec = dataset_spec(dataset)
+    full_spec = dataset_spec(spec.sample_of) if spec is not None and spec.sample_of else spec
+    sample = (spec is not None and spec.sample_of is not None) or any(r.get("config", {}).get("max_train") for r in results)
     if sample:
-        full = FULL_SIZE["megnet" if dataset == "megnet_sample" else dataset] if dataset in ("megnet_sample", "megnet", "dft_3d_2021") else "the full dataset"
+        full = full_spec.full_size if full_spec is not None else "the full dataset"
+        epochs = sorted({full_spec.paper_epochs(target, r["frame"])["epochs"] for r in results}) if full_spec else []
         lines.append(f"SAMPLE-SIZE RUN: trained on {first['n_train']:,} crystals (tested on {first['n_test']:,}); "
-                     f"published numbers train on {full} for {('2000/800' if dataset.startswith('dft_3d') else '500')} "
-                     "epochs, so expect a clearly higher MAE here. This checks the pipeline, it is not a benchmark result.")
+                     f"published numbers train on {full}"
+                     + (f" for {'/'.join(map(str, epochs))} epochs" if epochs else "")
+                     + ", so expect a clearly higher MAE here. This checks the pipeline, it is not a benchmark result.")
     not_comparable = NOT_COMPARABLE.get(MP_ALIASES.get(str(target), str(target))) if table_name else None
     if table_name:
         lines.append(f"published: {table_name} test set (docs/METHOD.md 7)"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .datasets import DEFAULT_DATASET, dataset_spec, default_target
 from .errors import ConfigError
 from .schedule import SCHEDULES, parse_duration
 
@@ -121,21 +122,17 @@ TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": dict(schedule="paper", lr=5e-4, warmup_steps=0),
 }
 REPORTED_MODELS = ("swa", "best", "final")
-JARVIS_DATASETS = ("dft_3d_2021",)
-DEFAULT_DATASET = "megnet_sample"
 # Fields that may differ between an interrupted run and its resumption.
-RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "deterministic", "out_dir", "resume", "overwrite", "progress",
-                  "plots", "data_dir",
+RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "build_workers", "deterministic", "out_dir", "resume",
+                  "overwrite", "progress", "plots", "data_dir",
                   "cache_dir", "reported_model")
 
 
 def paper_schedule(dataset: str, target: Optional[str], frame: Optional[str]) -> Dict[str, int]:
-    """Epochs and batch size of the paper (docs/METHOD.md 5) for this dataset/target/frame."""
-    if dataset in JARVIS_DATASETS:
-        if frame == "none":
-            return dict(epochs=1600 if target == "mbj_bandgap" else 800, batch_size=256)
-        return dict(epochs=2000, batch_size=256)
-    return dict(epochs=500, batch_size=128)  # MP (megnet), the MP sample and user datasets
+    """Epochs and batch size of the paper (docs/METHOD.md 5) for this dataset/target/frame; a
+    user's dataset gets the Materials Project recipe."""
+    spec = dataset_spec(dataset) or dataset_spec("megnet")
+    return spec.paper_epochs(target, frame)
 
 
 @dataclass
@@ -144,7 +141,7 @@ class _RunSettings:
 
     # data
     dataset: str = DEFAULT_DATASET
-    target: Optional[str] = None  # None: the dataset's usual target (targets.default_target)
+    target: Optional[str] = None  # None: the dataset's usual target (datasets.default_target)
     data_dir: Optional[str] = None
     cache_dir: Optional[str] = None
     split: str = "auto"
@@ -178,6 +175,7 @@ class _RunSettings:
     threads: Optional[int] = None
     deterministic: bool = False  # GPU: reductions in a fixed order (torch.use_deterministic_algorithms)
     num_workers: Optional[int] = None  # DataLoader workers; None: 4 on a GPU (batching overlaps the steps), 0 on CPU
+    build_workers: Optional[int] = None  # processes building missing graphs; None: the cores
     out_dir: Optional[str] = None  # None: runs/<dataset>-<target>-<frame>
     resume: bool = False
     overwrite: bool = False  # start over in an out_dir that holds an unfinished run (its last.pt)
@@ -224,8 +222,6 @@ class _RunSettings:
     def resolved(self) -> "TrainConfig":
         """A copy with every schedule ``None`` filled from the preset, validated.  Model fields
         stay None where the model preset / ModelConfig defaults decide (``model_config()``)."""
-        from .targets import default_target  # targets.py is plain Python too
-
         if self.preset not in TRAIN_PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}: use one of {', '.join(TRAIN_PRESETS)}")
         c = replace(self)
@@ -271,7 +267,7 @@ class _RunSettings:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {v})")
-        for name in ("max_train", "max_eval", "threads"):
+        for name in ("max_train", "max_eval", "threads", "build_workers"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1 or unset (got {v})")

@@ -20,9 +20,11 @@ import torch
 from .basis import default_cutoff
 from .errors import DataError
 from .graph_cache import build_graphs, cache_for
+from .graph_store import GraphList, num_atoms
 from .sources import SPLITS, Entry, Source, open_source
 from .splits import SPLIT_SEED, assign_splits
-from .targets import TARGETS, resolve_target, to_float
+from .datasets import dataset_spec
+from .targets import to_float
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,11 @@ _LOG_EACH = 20  # structure failures logged one by one (WARNING); the rest go to
 
 
 class CrystalGraphDataset(torch.utils.data.Dataset):
-    """A list of crystal graphs with one target each: items are ``(graph, target float32 [1])``."""
+    """Crystal graphs with one target each: items are ``(graph, target float32 [1])``.
+
+    ``graphs``: DGLGraphs, or a ``graph_store.GraphList`` of graphs in the on-disk cache, read when
+    an item is fetched (what ``load_dataset`` gives with a cache).
+    """
 
     def __init__(self, graphs: Sequence[Any], targets: Any, ids: Sequence[str], target: str = "", unit: str = ""):
         arr = np.asarray(targets, dtype=np.float32)
@@ -40,7 +46,7 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
             raise ValueError(f"{len(ids)} ids for {len(graphs)} graphs")
         if torch.isnan(targets).any():
             raise ValueError("targets contain NaN (entries with missing targets must be dropped before)")
-        self.graphs = list(graphs)
+        self.graphs = graphs if isinstance(graphs, GraphList) else GraphList(list(graphs))
         self.targets = targets
         self.ids = [str(i) for i in ids]
         self.target = target
@@ -77,15 +83,19 @@ def load_dataset(
     seed: int = SPLIT_SEED,
     progress: bool = True,
     use_cache: bool = True,
+    build_workers: Optional[int] = None,
 ) -> DatasetSplits:
     """Load ``source`` for ``target`` and split it; see the module docstring.
 
     split: "auto" | "paper" | "random" | "leaderboard" | "column" (``splits.py``).  cutoff: neighbour cutoff in Angstrom
     (None: ``basis.default_cutoff()``).  Entries with missing / non-finite targets and
-    structures that fail are skipped, counted in ``info`` and logged.
+    structures that fail are skipped, counted in ``info`` and logged.  ``build_workers``: processes
+    that build missing graphs (None: the cores).  With the cache (``use_cache``), the splits hold
+    references to the graphs on disk, read as batches need them.
     """
     cutoff = default_cutoff() if cutoff is None else float(cutoff)
     src = open_source(source, data_dir)
+    spec = dataset_spec(src.name)
     key, unit, tinfo = _target_key(src, source, target)
     joint = list(tinfo.joint) if (tinfo is not None and key in tinfo.joint) else [key]
 
@@ -98,7 +108,7 @@ def load_dataset(
             skipped.append(e.id)
             continue
         usable.append((e, vals[joint.index(key)]))
-    log_unit_note = _maybe_log10(src, key, usable)
+    log_unit_note = _maybe_log10(src, key, tinfo, usable)
     if log_unit_note:
         usable = [(e, math.log10(v)) for e, v in usable if v > 0]
     if skipped:
@@ -118,7 +128,7 @@ def load_dataset(
     # 3. graphs
     chosen = [(e, y, s) for (e, y), s in zip(usable, assignment) if s is not None]
     cache = cache_for(src, cutoff, cache_dir) if use_cache else None
-    graphs, failed_all, stats = build_graphs([e for e, _, _ in chosen], cutoff, cache, progress, src.label)
+    graphs, failed_all, stats = build_graphs([e for e, _, _ in chosen], cutoff, cache, progress, src.label, build_workers)
     failed = {e.id: failed_all[e.id] for e, _, _ in chosen if e.id in failed_all}
     if failed:
         for k, (fid, reason) in enumerate(failed.items()):
@@ -127,7 +137,12 @@ def load_dataset(
                        src.label, len(failed))
 
     parts: Dict[str, Tuple[List[Any], List[float], List[str]]] = {s: ([], [], []) for s in SPLITS}
+    max_atoms = spec.train_max_atoms if spec is not None else None  # the reference recipe's training filter
+    too_large = []
     for e, y, s in chosen:
+        if s == "train" and max_atoms is not None and e.id in graphs and num_atoms(graphs[e.id]) > max_atoms:
+            too_large.append(e.id)
+            continue
         if e.id in graphs and e.id not in failed:
             parts[s][0].append(graphs[e.id])
             parts[s][1].append(y)
@@ -138,8 +153,8 @@ def load_dataset(
         raise DataError(f"{src.label}: zero usable entries for target {key!r} ({len(skipped)} missing targets, "
                         f"{len(failed)} failed structures)")
     info = {
-        "source": source if src.name in ("megnet_sample", "dft_3d_2021", "megnet") else src.name,
-        "path": src.extra.get("path") or (None if src.name == "megnet_sample" else os.path.abspath(os.path.expanduser(str(source)))),
+        "source": source if spec is not None else src.name,
+        "path": src.extra.get("path") or (None if spec is not None else os.path.abspath(os.path.expanduser(str(source)))),
         "target": key,
         "unit": unit,
         "split": protocol,
@@ -152,11 +167,15 @@ def load_dataset(
         "n_failed": len(failed),
         "failed": failed,
         "n_unassigned": sum(1 for s in assignment if s is None),
+        "n_train_too_large": len(too_large),
         "cache": cache.folder if cache is not None else None,
         **stats,
     }
     if log_unit_note:
         info["note"] = log_unit_note
+    if too_large:
+        logger.warning("%s: %d training crystals with more than %d atoms left out, as the reference recipe does (first: %s)",
+                       src.label, len(too_large), max_atoms, ", ".join(too_large[:5]))
     logger.info("%s/%s: %d train / %d val / %d test (%s split); %d skipped (target), %d failed structures; "
                 "%d graphs built in %.1f s, %d from cache",
                 src.label, key, info["sizes"]["train"], info["sizes"]["val"], info["sizes"]["test"], protocol,
@@ -165,11 +184,10 @@ def load_dataset(
 
 
 def _target_key(src: Source, source: str, target: Optional[str]):
-    if src.name in TARGETS:
-        if target is None:
-            raise DataError(f"{source}: choose a target: {', '.join(TARGETS[src.name])}")
-        key = resolve_target(src.name, target)
-        t = TARGETS[src.name][key]
+    spec = dataset_spec(src.name)
+    if spec is not None:
+        key = spec.resolve_target(spec.default_target if target is None else target)
+        t = spec.targets[key]
         return key, t.unit, t
     # user data
     if target is None:
@@ -190,14 +208,14 @@ def _target_key(src: Source, source: str, target: Optional[str]):
     return target, "", None
 
 
-def _maybe_log10(src: Source, key: str, usable: List[Tuple[Entry, float]]) -> Optional[str]:
-    """jarvis "megnet" bulk/shear moduli: take log10 if the file holds GPa rather than log10(GPa)."""
-    if src.name != "megnet" or key not in ("bulk modulus", "shear modulus") or not usable:
+def _maybe_log10(src: Source, key: str, tinfo, usable: List[Tuple[Entry, float]]) -> Optional[str]:
+    """Targets marked ``log10_if_gpa`` (jarvis "megnet" moduli): take log10 if the file holds GPa rather than log10(GPa)."""
+    if tinfo is None or not tinfo.log10_if_gpa or not usable:
         return None
     median = float(np.median([y for _, y in usable]))
     if median > 10.0:  # log10 of realistic moduli is < 3; a median above 10 can only be GPa
         note = f"'{key}' values look like GPa (median {median:.3g}); using log10 of the positive ones"
-        logger.info("megnet: %s", note)
+        logger.info("%s: %s", src.label, note)
         return note
     return None
 

@@ -28,7 +28,7 @@ from . import basis as B
 from .config import FRAME_TYPES, ModelConfig, model_config
 from .errors import ConfigError, UserError
 from .model import CrystalFramer
-from .targets import TARGETS, TARGET_UNITS, resolve_target
+from .datasets import dataset_spec
 
 
 class OfficialCheckpointError(UserError):
@@ -82,7 +82,7 @@ FRAME_METHODS = {"max": "max", "max_static": "static_local", "weighted_pca": "we
 AXIS_ORDER = {"pca": (2, 1, 0)}
 
 # official dataset (target_set, up to its '-' suffix) -> ours, for the target's name and unit
-DATASETS = {"jarvis__dft_3d_2021": "dft_3d_2021", "jarvis__megnet": "megnet"}
+TARGET_SETS = {"jarvis__dft_3d_2021": "dft_3d_2021", "jarvis__megnet": "megnet", "jarvis__oqmd_3d": "oqmd_3d"}  # ours
 
 
 def is_official(ckpt: Any) -> bool:
@@ -272,11 +272,12 @@ def _target(hp: Mapping[str, Any]) -> Tuple[str, str, str]:
     """(target name, unit, dataset) in this package's terms where known, else the official names."""
     official = hp["targets"] if isinstance(hp["targets"], str) else hp["targets"][0]
     target_set = str(hp.get("target_set") or "")
-    ours = DATASETS.get(target_set.split("-")[0])
-    if ours in TARGETS:
+    ours = TARGET_SETS.get(target_set.split("-")[0])
+    spec = dataset_spec(ours) if ours else None
+    if spec is not None:
         try:
-            key = resolve_target(ours, official)
-            return key, TARGET_UNITS[ours][key], ours
+            key = spec.resolve_target(official)
+            return key, spec.targets[key].unit, ours
         except UserError:
             pass
     return official, "", target_set or "official"

@@ -1,10 +1,10 @@
 """Sources: where a dataset's entries come from, each entry an id, a way to get its structure,
 its raw target values and, where the source gives one, a split label.
 
-* ``megnet_sample``: the real-data sample embedded in the package (``sample/README.md``).
-* ``dft_3d_2021`` and ``megnet``: jarvis-tools datasets, read with
-  ``jarvis.db.figshare.data(name, store_dir=data_dir)``.  The file is looked for first; when it is
-  absent and cannot be downloaded the error says which file to put where.
+* a named dataset (``datasets.DATASETS``): the real-data sample embedded in the package
+  (``megnet_sample``, ``sample/README.md``), or a jarvis-tools dataset (``dft_3d_2021``, ``megnet``,
+  ``oqmd_3d``), read with ``jarvis.db.figshare.data(name, store_dir=data_dir)``.  The file is
+  looked for first; when it is absent and cannot be downloaded the error says which file to put where.
 * a path: a CSV (id column + structure text or file path column + target columns, optionally a
   ``split`` column), a folder with ``id_prop.csv`` (ALIGNN/CGCNN convention) and structure files,
   or a JSON / JSON.zip list of jarvis-style records (``atoms`` dict + target keys).
@@ -27,21 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import DataError, StructureError
+from .datasets import DATASETS, DatasetSpec, JarvisFile, dataset_spec
 from .structures import parse_structure_text, read_structure_file, structure_from_record
-from .targets import TARGETS, to_float
+from .targets import to_float
 
 logger = logging.getLogger(__name__)
 
 OFFLINE_ENV = "DGL_CRYSTALFRAMER_OFFLINE"  # "1": never try to download (jarvis sources fail fast)
 SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample", "megnet_sample.json.gz")
 SPLITS = ("train", "val", "test")
-# jarvis-tools dataset files (also read from jarvis.db.figshare.get_db_info() when available)
-JARVIS_FILES = {
-    "dft_3d_2021": ("https://ndownloader.figshare.com/files/29204826", "jdft_3d-8-18-2021.json", "jid"),
-    "megnet": ("https://ndownloader.figshare.com/files/26724977", "megnet.json", "id"),
-}
-
-NAMED_DATASETS = ("megnet_sample", *JARVIS_FILES)  # DFT datasets; any other source is the user's own data
 
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 
@@ -64,7 +58,7 @@ class Entry:
 
 @dataclass
 class Source:
-    name: str  # "megnet_sample", "dft_3d_2021", "megnet", "csv", "folder", "json"
+    name: str  # a named dataset (datasets.DATASETS), or "csv", "folder", "json"
     label: str  # for messages and the cache folder name
     identity: Dict[str, Any]  # what the graph cache is keyed on
     entries: List[Entry]
@@ -92,7 +86,7 @@ def _sample_source(path: str = SAMPLE_PATH) -> Source:
 
         entries.append(Entry(e["id"], make, dict(e["targets"]), None, dict(e.get("split") or {})))
     return Source("megnet_sample", "megnet_sample", {"sample_sha256": hashlib.sha256(raw).hexdigest()}, entries,
-                   list(TARGETS["megnet_sample"]), {"split_targets": doc.get("split_targets", [])})
+                   list(DATASETS["megnet_sample"].targets), {"split_targets": doc.get("split_targets", [])})
 
 
 def _jarvis_store_dir(data_dir: Optional[str]) -> str:
@@ -129,13 +123,13 @@ def _can_reach(url: str, timeout: float = 3.0) -> bool:
     return result["ok"]
 
 
-def _jarvis_file(dataset: str) -> Tuple[str, str]:
-    """(url, json member name) as the installed jarvis-tools knows them; our table as fallback."""
-    url, js_tag, _ = JARVIS_FILES[dataset]
+def _jarvis_file(jf: JarvisFile) -> Tuple[str, str]:
+    """(url, json member name) as the installed jarvis-tools knows them; the spec's as fallback."""
+    url, js_tag = jf.url, jf.member
     try:
         from jarvis.db.figshare import get_db_info
 
-        info = get_db_info().get(dataset)
+        info = get_db_info().get(jf.name)
         if info and str(info[1]).endswith(".json"):
             url, js_tag = str(info[0]), str(info[1])
     except Exception:  # old/new jarvis-tools without get_db_info: keep the table
@@ -143,8 +137,9 @@ def _jarvis_file(dataset: str) -> Tuple[str, str]:
     return url, js_tag
 
 
-def _jarvis_records(dataset: str, data_dir: Optional[str]) -> Tuple[List[Dict[str, Any]], str]:
-    url, js_tag = _jarvis_file(dataset)
+def _jarvis_records(spec: DatasetSpec, data_dir: Optional[str]) -> Tuple[List[Dict[str, Any]], str]:
+    dataset = spec.name
+    url, js_tag = _jarvis_file(spec.jarvis)
     store = _jarvis_store_dir(data_dir)
     path = os.path.join(store, js_tag + ".zip")
     if not os.path.isfile(path):
@@ -163,7 +158,7 @@ def _jarvis_records(dataset: str, data_dir: Optional[str]) -> Tuple[List[Dict[st
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            records = jarvis_data(dataset, store_dir=store)
+            records = jarvis_data(spec.jarvis.name, store_dir=store)
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise DataError(f"{dataset}: cannot read {path} ({type(exc).__name__}: {exc}); the file is damaged or "
                            f"incomplete: delete it and download {url} again") from exc
@@ -172,14 +167,14 @@ def _jarvis_records(dataset: str, data_dir: Optional[str]) -> Tuple[List[Dict[st
     return records, path
 
 
-def _jarvis_source(dataset: str, data_dir: Optional[str]) -> Source:
-    records, path = _jarvis_records(dataset, data_dir)
-    id_key = JARVIS_FILES[dataset][2]
+def _jarvis_source(spec: DatasetSpec, data_dir: Optional[str]) -> Source:
+    records, path = _jarvis_records(spec, data_dir)
+    dataset, id_key = spec.name, spec.jarvis.id_key
     entries = []
     for k, rec in enumerate(records):
         rid = str(rec.get(id_key, rec.get("jid", rec.get("id", k))))
         entries.append(Entry(rid, (lambda rec=rec, rid=rid: structure_from_record(rec, rid)), rec, norm_split(rec.get("leaderboard_split"))))
-    return Source(dataset, dataset, {"dataset": dataset, **_file_identity(path)}, entries, list(TARGETS[dataset]), {"path": path})
+    return Source(dataset, dataset, {"dataset": dataset, **_file_identity(path)}, entries, list(spec.targets), {"path": path})
 
 
 def _csv_source(path: str) -> Source:
@@ -306,10 +301,9 @@ def open_source(source: str, data_dir: Optional[str] = None) -> Source:
 
 
 def _open_source_raw(source: str, data_dir: Optional[str]) -> Source:
-    if source == "megnet_sample":
-        return _sample_source()
-    if source in JARVIS_FILES:
-        return _jarvis_source(source, data_dir)
+    spec = dataset_spec(source)
+    if spec is not None:
+        return _sample_source() if spec.jarvis is None else _jarvis_source(spec, data_dir)
     path = os.path.expanduser(str(source))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "id_prop.csv")):
@@ -324,7 +318,7 @@ def _open_source_raw(source: str, data_dir: Optional[str]) -> Source:
         raise DataError(f"{path}: unsupported file type (use .csv, .json, .json.zip or a folder with id_prop.csv)")
     if source == "dft_3d":
         raise DataError("'dft_3d' points to newer, larger JARVIS snapshots; the paper uses 'dft_3d_2021'")
-    raise DataError(f"unknown dataset {source!r}: use megnet_sample, dft_3d_2021, megnet, or a path to a CSV, "
+    raise DataError(f"unknown dataset {source!r}: use {', '.join(DATASETS)}, or a path to a CSV, "
                     "a JSON/JSON.zip list of records, or a folder with id_prop.csv")
 
 
@@ -359,5 +353,5 @@ def leaderboard_membership(task: str) -> Optional[Dict[str, str]]:
     return {str(i): s for s in SPLITS for i in data.get(s, {})}
 
 
-__all__ = ["Entry", "JARVIS_FILES", "NAMED_DATASETS", "OFFLINE_ENV", "SAMPLE_PATH", "SPLITS", "Source", "leaderboard_membership",
+__all__ = ["Entry", "OFFLINE_ENV", "SAMPLE_PATH", "SPLITS", "Source", "leaderboard_membership",
            "norm_split", "open_source"]

@@ -6,16 +6,16 @@ Protocols (``split=``):
   index list, n_train = int(0.8 n), n_val = n_test = int(0.1 n), train = the first n_train,
   val = ``ids[-(n_val + n_test):-n_test]``, test = the last n_test; the one or two entries left
   between train and val are unused, as there (44,578 / 5,572 / 5,572 of the 55,723 JARVIS
-  formation energies).  jarvis "megnet" e_form and gap use the reference's fixed sizes
-  60,000 / 5,000 / 4,239 instead.
+  formation energies).  A target with fixed sizes in its dataset's spec (jarvis "megnet" e_form and
+  gap: 60,000 / 5,000 / 4,239) uses those instead.
 * ``random``: the same shuffle, 80/10/10 with every entry used (train takes the remainder); the
   default for a user's data without a split column.
 * ``leaderboard``: the JARVIS-Leaderboard membership (the installed ``jarvis_leaderboard``
   package, or the records' ``leaderboard_split`` field).
 * ``column``: a ``split`` column of a user's CSV/JSON.  With train and test only (matbench-style
   data), a validation set is carved from train: ``VAL_FRACTION`` of it, seeded, logged.
-* ``auto``: leaderboard for the embedded sample's e_form/gap, column when the data has one,
-  paper for the named datasets, random for a user's data.
+* ``auto``: leaderboard for a dataset whose file carries one per target (the embedded sample's
+  e_form/gap), column when the data has one, paper for the named datasets, random for a user's data.
 """
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ from typing import List, Optional, Sequence, Tuple
 
 from .errors import DataError
 from .sources import SPLITS, Entry, Source, leaderboard_membership, norm_split
-from .targets import TargetInfo
+from .datasets import TargetInfo, dataset_spec
 
 logger = logging.getLogger(__name__)
 
 SPLIT_SEED = 123
 PROTOCOLS = ("auto", "paper", "random", "leaderboard", "column")
-MEGNET_FIXED_SIZES = (60000, 5000, 4239)  # jarvis "megnet" e_form / gap in the reference code
 VAL_FRACTION = 0.1  # of train, when the data has train and test but no validation entries
 
 
@@ -93,19 +92,20 @@ def assign_splits(src: Source, key: str, tinfo: Optional[TargetInfo], usable: Se
     if split not in PROTOCOLS:
         raise DataError(f"split must be one of {', '.join(PROTOCOLS)}, got {split!r}")
     n = len(usable)
+    spec = dataset_spec(src.name)
 
-    if src.name == "megnet_sample":
+    if spec is not None and spec.split_per_target:
         split_targets = src.extra.get("split_targets", [])
         if split in ("auto", "leaderboard") and key in split_targets:
             labels = [norm_split(e.split_by_target.get(key)) for e in usable]
             if all(lb is not None for lb in labels):
                 return "leaderboard", labels
         if split == "leaderboard":
-            raise DataError(f"megnet_sample: the JARVIS-Leaderboard has no split for {key!r} (only {split_targets}); "
+            raise DataError(f"{src.name}: the JARVIS-Leaderboard has no split for {key!r} (only {split_targets}); "
                             "use split='paper'")
     if split == "auto":
         split = ("column" if src.extra.get("has_split_column") else
-                 "paper" if src.name in ("megnet_sample", "dft_3d_2021", "megnet") else "random")
+                 "paper" if spec is not None else "random")
 
     if split == "column":
         labels = [e.split for e in usable]
@@ -138,16 +138,14 @@ def assign_splits(src: Source, key: str, tinfo: Optional[TargetInfo], usable: Se
         sizes = random_split_sizes(n)
         return f"random (seed {seed}, {'/'.join(map(str, sizes))})", _labels(n, paper_split(n, seed, sizes))
 
-    sizes = None
-    if src.name == "megnet" and tinfo is not None and key in tinfo.joint:
-        if n >= sum(MEGNET_FIXED_SIZES):
-            sizes = MEGNET_FIXED_SIZES
-        else:
-            logger.warning("megnet: %d usable entries < %d: using 80/10/10 instead of the reference's fixed 60000/5000/4239",
-                           n, sum(MEGNET_FIXED_SIZES))
+    sizes = tinfo.fixed_split if tinfo is not None else None
+    if sizes is not None and n < sum(sizes):
+        logger.warning("%s: %d usable entries < %d: using 80/10/10 instead of the reference's fixed %s",
+                       src.label, n, sum(sizes), "/".join(map(str, sizes)))
+        sizes = None
     sizes = paper_split_sizes(n, sizes)
     return f"paper (seed {seed}, {'/'.join(map(str, sizes))})", _labels(n, paper_split(n, seed, sizes))
 
 
-__all__ = ["MEGNET_FIXED_SIZES", "PROTOCOLS", "SPLIT_SEED", "VAL_FRACTION", "assign_splits", "carve_validation",
+__all__ = ["PROTOCOLS", "SPLIT_SEED", "VAL_FRACTION", "assign_splits", "carve_validation",
            "paper_split", "paper_split_sizes", "random_split_sizes"]

@@ -56,8 +56,8 @@ from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
 from .model import build_model
 from .plots import write_plots
-from .sources import NAMED_DATASETS
 from .schedule import Plan, Probe, Schedule, format_duration, parse_duration, plan_steps
+from .datasets import dataset_spec
 from .targets import Normalizer
 
 
@@ -98,7 +98,7 @@ def load_splits(cfg: TrainConfig, progress: bool = True):
     from .data import load_dataset
 
     return load_dataset(cfg.dataset, cfg.target, progress=progress, data_dir=cfg.data_dir, split=cfg.split,
-                        cutoff=cfg.cutoff, cache_dir=cfg.cache_dir, seed=cfg.split_seed)
+                        cutoff=cfg.cutoff, cache_dir=cfg.cache_dir, seed=cfg.split_seed, build_workers=cfg.build_workers)
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -677,7 +677,7 @@ class Trainer:
         steady_seconds = sum(h["train_seconds"] for h in steady)
         result = {
             "dataset": cfg.dataset, "target": self.target, "unit": self.unit, "frame": self.frame,
-            "preset": cfg.preset, "model_preset": cfg.model_preset, "sample_size_run": cfg.dataset == "megnet_sample",
+            "preset": cfg.preset, "model_preset": cfg.model_preset, "sample_size_run": _sample_of(cfg.dataset) is not None,
             "n_train": len(self.train_ds), "n_val": len(self.val_ds), "n_test": len(self.test_ds),
             "split": self.info.get("split"),
             "reported_model": reported, "test_mae": models[reported]["test_mae"], "val_mae": models[reported]["val_mae"],
@@ -718,7 +718,7 @@ class Trainer:
                 try:
                     write_plots(self.out, self.history, test_true, test_pred, self.target, self.unit,
                                 title=f"{cfg.dataset} {self.target}, frame {self.frame}",
-                                reference="DFT" if cfg.dataset in NAMED_DATASETS else "true")
+                                reference="DFT" if dataset_spec(cfg.dataset) is not None else "true")
                 except Exception as exc:  # plots are a convenience; never lose a run over them
                     self._log(f"warning: plots not written ({exc})")
         self.timers["final"] = time.perf_counter() - t_final
@@ -747,6 +747,11 @@ def dropped_counts(info: Dict[str, Any], first: int = 20) -> Dict[str, Any]:
     return {"missing_target": int(info.get("n_skipped_target") or 0),
             "missing_target_ids": list(info.get("skipped_ids") or [])[:first],
             "failed_structures": len(failed), "failed_structure_ids": dict(list(failed.items())[:first])}
+
+def _sample_of(dataset: str) -> Optional[str]:
+    """The full dataset that ``dataset`` is a sample of (the embedded MP sample: megnet), else None."""
+    spec = dataset_spec(dataset)
+    return spec.sample_of if spec is not None else None
 
 
 def _plain(obj: Any) -> Any:

@@ -21,7 +21,7 @@ def run_cli(*args, timeout=180):
 
 
 def test_commands_and_help(capsys):
-    assert list(COMMANDS) == ["train", "predict", "convert", "hpo", "report", "perf", "invariance"]
+    assert list(COMMANDS) == ["train", "predict", "convert", "hpo", "report", "perf", "invariance", "scaling"]
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in COMMANDS)

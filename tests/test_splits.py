@@ -9,7 +9,8 @@ import zipfile
 import pytest
 
 from dgl_crystalframer.data import load_dataset
-from dgl_crystalframer.splits import MEGNET_FIXED_SIZES, paper_split, paper_split_sizes
+from dgl_crystalframer.datasets import DATASETS
+from dgl_crystalframer.splits import paper_split, paper_split_sizes
 
 from datasets import HAVE_SHARED, SHARED
 
@@ -20,7 +21,7 @@ def test_paper_split_sizes_match_the_official_code():
     assert paper_split_sizes(55723) == (44578, 5572, 5572)
     assert paper_split_sizes(18172) == (14537, 1817, 1817)
     assert paper_split_sizes(55371) == (44296, 5537, 5537)
-    assert paper_split_sizes(69239, MEGNET_FIXED_SIZES) == (60000, 5000, 4239)
+    assert paper_split_sizes(69239, DATASETS["megnet"].targets["e_form"].fixed_split) == (60000, 5000, 4239)
 
 
 def test_paper_split_is_the_reference_algorithm():

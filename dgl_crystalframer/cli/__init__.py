@@ -7,6 +7,7 @@
     report      tables, best_config.yaml and plots of a sweep
     perf        speed, memory and scaling figures (CPU, or a GPU with --device cuda)
     invariance  the invariance error of each frame type on real crystals
+    scaling     memory, disk and speed against the dataset's size (synthetic datasets)
 
 A user error (a bad flag value, a missing file or column, an empty split, an unreadable
 structure) prints one ``error:`` line and exits with status 2; Ctrl-C exits with 130.
@@ -27,6 +28,7 @@ COMMANDS = {
     "report": ("dgl_crystalframer.hpo.cli", "main_report", "tables, best_config.yaml and plots of a sweep"),
     "perf": ("dgl_crystalframer.bench.perf", "main", "speed, memory and scaling figures"),
     "invariance": ("dgl_crystalframer.bench.invariance", "main", "invariance errors of each frame type"),
+    "scaling": ("dgl_crystalframer.bench.scaling", "main", "memory, disk and speed against the dataset's size"),
 }
 USAGE = "usage: {prog} {{" + ",".join(COMMANDS) + "}} [options]   ({prog} COMMAND --help for a command's options)"
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..config import BACKENDS, FRAMES, FRAME_TYPES, SCHEDULES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
+from ..datasets import DATASETS, DEFAULT_DATASET
 from ..errors import ConfigError
 
 FRAME_LABELS = {f.name: f.label for f in FRAMES.values()}
@@ -35,8 +36,8 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
                     "(formation energy, official split membership), frame max, preset quick (minutes on a laptop).",
         epilog="Precedence: TrainConfig defaults < preset < --config FILE < command-line flags.",
     )
-    p.add_argument("--dataset", help="dft_3d_2021, megnet, megnet_sample, or a path to your own dataset (CSV, folder "
-                                     "with id_prop.csv, JSON/JSON.zip) [default: megnet_sample]")
+    p.add_argument("--dataset", help=f"{', '.join(DATASETS)}, or a path to your own dataset (CSV, folder "
+                                     f"with id_prop.csv, JSON/JSON.zip) [default: {DEFAULT_DATASET}]")
     p.add_argument("--target", help="target key, e.g. e_form, gap_pbe, formation_energy_peratom, mbj_bandgap "
                                     "[default: the dataset's formation energy]")
     p.add_argument("--frame", choices=FRAME_TYPES + ("all",), help="frame type, or 'all' for the ablation [default: max]")
@@ -77,6 +78,8 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
                         "[default: 4 on a GPU, 0 on CPU]")
     p.add_argument("--data-dir", dest="data_dir", help="folder holding (or receiving) the jarvis-tools dataset files")
     p.add_argument("--cache-dir", dest="cache_dir", help="graph cache folder")
+    p.add_argument("--build-workers", type=int, dest="build_workers", metavar="N",
+                   help="processes that build missing graphs (an interrupted build resumes) [default: the cores]")
     p.add_argument("--config", help="YAML/JSON file of TrainConfig keys (flags override it)")
     p.add_argument("--out", dest="out_dir", help="output folder [default: runs/<dataset>-<target>-<frame>]")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
@@ -90,7 +93,7 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
 
 FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "time_budget", "schedule", "epochs", "swa_epochs", "batch_size",
              "lr", "unit", "max_train", "device", "backend", "threads", "num_workers", "deterministic", "data_dir", "cache_dir",
-             "out_dir", "resume", "overwrite", "seed")
+             "build_workers", "out_dir", "resume", "overwrite", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -10,7 +10,8 @@ import signal
 import warnings
 from pathlib import Path
 
-from ..config import DEFAULT_DATASET, TRAIN_PRESETS
+from ..config import TRAIN_PRESETS
+from ..datasets import DATASETS, DEFAULT_DATASET
 from ..errors import ConfigError, UserError
 from . import space as space_mod
 from .storage import DEFAULT_DB, GRACE_PERIOD, HEARTBEAT_INTERVAL, default_url
@@ -83,7 +84,7 @@ def sweep_parser(prog: str = "dgl-crystalframer hpo") -> argparse.ArgumentParser
     g = p.add_argument_group("study")
     g.add_argument("--study", required=True, help="study name; reuse it to resume or to add workers")
     g.add_argument("--dataset", default=DEFAULT_DATASET,
-                   help=f"TrainConfig.dataset, e.g. megnet_sample, dft_3d_2021, a path [default: {DEFAULT_DATASET}]")
+                   help=f"TrainConfig.dataset: {', '.join(DATASETS)} or a path [default: {DEFAULT_DATASET}]")
     g.add_argument("--target", help="TrainConfig.target, e.g. e_form [default: the dataset's formation energy]")
     g.add_argument("--n-trials", type=_positive_int, default=20, metavar="N",
                    help="study-wide number of COMPLETE+PRUNED trials to reach (see below) [default: 20]")
