@@ -11,7 +11,8 @@ measure nothing new).  For each size, a fresh training process (the default mode
 ``--steps`` optimiser steps, evaluation capped) reports its peak RSS and training crystals/s,
 once with the graphs out of core (``store``: what training uses now) and, up to ``--memory-max``
 crystals, with every graph in memory (``memory``: what it used before).  With ``--workers 2``
-the proportional set size (PSS) of the DataLoader workers is added.  Prints a table, projects the
+the proportional set size (PSS) of the DataLoader workers is added; with ``--ddp 2`` the
+out-of-core run is repeated as two gloo ranks under torchrun (peak RSS of each rank).  Prints a table, projects the
 named datasets from the measured slopes, writes OUT/scaling.json and OUT/rss_vs_size.png.
 """
 from __future__ import annotations
@@ -151,17 +152,20 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
         result = train_and_evaluate(cfg, data=data, started_at=t0)
     finally:
         done.set()
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    return {"rank": int(os.environ.get("RANK", 0)), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "crystals_per_second": result["crystals_per_second"] or result["crystals_per_second_first_epoch"],
             "worker_pss_mib": [v / 1024.0 for v in pss.values()], "torch": torch.__version__}
 
 
-def _run_child(spec: Dict[str, Any]) -> Dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "dgl_crystalframer.bench.scaling", "--child", json.dumps(spec)],
+def _run_child(spec: Dict[str, Any], ranks: int = 1) -> List[Dict[str, Any]]:
+    """The child's report, one per rank (``ranks`` > 1: gloo ranks under torchrun)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 \
+        else [sys.executable]
+    out = subprocess.run(launch + ["-m", "dgl_crystalframer.bench.scaling", "--child", json.dumps(spec)],
                          capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"measurement failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def build_parser(prog: str = "dgl-crystalframer scaling") -> argparse.ArgumentParser:
@@ -172,6 +176,8 @@ def build_parser(prog: str = "dgl-crystalframer scaling") -> argparse.ArgumentPa
     p.add_argument("--build", type=int, default=400, help="crystals built to time graph building [default: %(default)s]")
     p.add_argument("--steps", type=int, default=40, help="optimiser steps per training measurement [default: %(default)s]")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers in the training measurement [default: 0]")
+    p.add_argument("--ddp", type=int, default=0, metavar="RANKS",
+                   help="also train out of core as this many gloo ranks (torchrun) [default: 0, not measured]")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process [default: 1]")
     p.add_argument("--dir", help="where the synthetic datasets are written [default: a temporary folder, removed]")
     p.add_argument("--out", default="runs/scaling", help="scaling.json and the plot [default: %(default)s]")
@@ -207,24 +213,28 @@ def main(argv=None, prog: str = "dgl-crystalframer scaling") -> int:
         for n in sizes:
             folder = os.path.join(work, f"n{n}")
             disk = write_dataset(folder, records, nodes, n)
-            for mode in ("store", "memory"):
-                if mode == "memory" and n > args.memory_max:
+            for mode, ranks in (("store", 1), ("memory", 1), ("ddp", args.ddp)):
+                if (mode == "memory" and n > args.memory_max) or ranks < 1:
                     continue
                 spec = {"folder": folder, "mode": mode, "steps": args.steps, "workers": args.workers,
                         "threads": args.threads, "out": os.path.join(work, f"run-{n}-{mode}")}
-                r = _run_child(spec)
-                rows.append({"crystals": n, "mode": mode, "disk_mib": disk / 2**20, **r})
-                print(f"{n:>8,d} crystals  {mode:6s}  disk {disk / 2**20:8.1f} MiB  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
-                      f"training {r['crystals_per_second']:6.1f} crystals/s"
-                      + (f"  worker PSS {', '.join(f'{v:.0f}' for v in r['worker_pss_mib'])} MiB" if r["worker_pss_mib"] else ""))
+                for r in _run_child(spec, ranks):
+                    rows.append({"crystals": n, "mode": mode, "disk_mib": disk / 2**20, **r})
+                    who = f"{mode} rank {r['rank']}" if ranks > 1 else mode
+                    print(f"{n:>8,d} crystals  {who:13s}  disk "
+                          f"{disk / 2**20:8.1f} MiB  peak RSS {r['peak_rss_mib']:7.0f} MiB  training "
+                          f"{r['crystals_per_second']:6.1f} crystals/s"
+                          + (f"  worker PSS {', '.join(f'{v:.0f}' for v in r['worker_pss_mib'])} MiB"
+                             if r["worker_pss_mib"] else ""))
             shutil.rmtree(folder, ignore_errors=True)
     report = {"version": __version__, "build_seconds_per_crystal": build, "mean_edges": edges,
               "disk_bytes_per_crystal": float(np.mean([len(r) for r in records])), "rows": rows,
               "projection": project(rows, float(np.mean([len(r) for r in records])), build[1])}
     for name, p in report["projection"].items():
+        rss = [f"{p[f'rss_{m}_mib']:.0f} MiB {what}" for m, what in (("store", "out of core"), ("memory", "with graphs in memory"))
+               if f"rss_{m}_mib" in p]  # a slope needs two sizes
         print(f"{name:12s} {p['crystals']:>8,d} crystals: disk {p['disk_gib']:.2f} GiB, build {p['build_hours_1_core']:.2f} h "
-              f"on one core, training RSS {p['rss_store_mib']:.0f} MiB out of core"
-              + (f" ({p['rss_memory_mib']:.0f} MiB with graphs in memory)" if p.get("rss_memory_mib") else ""))
+              "on one core" + (f", training RSS {', '.join(rss)}" if rss else ""))
     (out / "scaling.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, out / "rss_vs_size.png")
     print(f"wrote {out / 'scaling.json'} and {out / 'rss_vs_size.png'}")
