@@ -270,10 +270,15 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode, label in (("store", "graphs out of core (now)"), ("memory", "graphs in memory (before)")):
-        pts = sorted((r["crystals"], r["peak_rss_mib"]) for r in rows if r["mode"] == mode)
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=label)
+    for mode, label in (("store", "graphs out of core (now)"), ("memory", "graphs in memory (before)"),
+                        ("ddp", "out of core, each of the DDP ranks")):
+        per_size: Dict[int, float] = {}
+        for r in rows:
+            if r["mode"] == mode:
+                per_size[r["crystals"]] = max(r["peak_rss_mib"], per_size.get(r["crystals"], 0.0))
+        if per_size:
+            ax.plot(*zip(*sorted(per_size.items())), "o-", label=label)
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
     ax.set_xlabel("crystals in the dataset")
     ax.set_ylabel("peak RSS of training (MiB)")
     ax.set_ylim(bottom=0)
