@@ -130,6 +130,9 @@ class _RunSettings:
     unit: Optional[str] = None  # the target's unit, for data that does not say
     # model: model_preset, then the ModelConfig fields (None: from the preset / the defaults)
     model_preset: Optional[str] = None  # crystalformer | default | lightweight
+    # fine-tuning (finetune.py): start from this checkpoint's weights, architecture and cutoff
+    init_from: Optional[str] = None
+    freeze_blocks: int = 0  # N >= 1: the embedding and the first N attention blocks stay as loaded
     # schedule
     preset: str = "quick"
     schedule: Optional[str] = None  # paper | cosine (schedule.py); None: the preset's
@@ -229,7 +232,7 @@ class _RunSettings:
         if c.swa_epochs is None:
             c.swa_epochs = 0 if c.epochs is None else max(1, min(50, int(round(0.1 * c.epochs)))) if c.epochs >= 2 else 0
         if c.out_dir is None:
-            c.out_dir = default_out_dir(c.dataset, c.target, c.model_config().frame)
+            c.out_dir = default_out_dir(c.dataset, c.target, c.model_preset or c.model_config().frame)
         c.validate()
         return c
 
@@ -266,6 +269,11 @@ class _RunSettings:
             raise ConfigError("swa_fraction must be in [0, 1) and warmup_steps >= 0")
         if self.time_budget is not None:
             parse_duration(self.time_budget)  # raises ConfigError on a bad duration
+        if self.freeze_blocks < 0:
+            raise ConfigError(f"freeze_blocks must be >= 0 (got {self.freeze_blocks})")
+        if self.freeze_blocks and not self.init_from:
+            raise ConfigError(f"freeze_blocks {self.freeze_blocks} needs init_from: freezing keeps loaded weights, "
+                              "and there are none without a checkpoint to start from")
         if self.cutoff is not None and not self.cutoff > 0:
             raise ConfigError(f"cutoff must be > 0 Angstrom (got {self.cutoff})")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device).strip().lower()):

@@ -9,6 +9,7 @@ Recipe: targets standardised with the train mean and population std, L1 loss, Ad
 cosine annealed to zero), stochastic weight averaging (equal weights, every step) over the last
 ``swa_epochs`` epochs or, with a time budget, the last ``swa_fraction`` of the planned steps.
 The length of the run is ``epochs``, or a ``time_budget`` that plans the steps that fit.
+With ``init_from`` the run starts from a checkpoint's weights (``finetune.py``).
 
 Files under ``out_dir`` (rank 0 only):
 
@@ -45,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from . import sparse
+from . import finetune, sparse
 from .basis import default_cutoff
 from .batch import collate_for, to_device
 from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint
@@ -153,6 +154,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, data: Any = None, started_at: Optional[float] = None):
+        self.initial: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None  # fine-tuning: (weights, meta)
+        if cfg.init_from:
+            self.initial = finetune.load_initial(cfg.init_from)
+            cfg = finetune.with_checkpoint_architecture(cfg, self.initial[1])
         self.cfg = cfg.resolved()
         self._data = data
         self.started_at = started_at  # perf_counter() when the run began (data loading counts in a budget)
@@ -237,6 +242,14 @@ class Trainer:
         self.collate = collate_for(self.device, self.backend)
         self.pin_memory = self.device.type == "cuda"
         model = build_model(cfg.model_config())
+        self.init_from = None
+        if self.initial is not None:  # fine-tuning: the checkpoint's weights, some of them frozen
+            weights, init_meta = self.initial
+            finetune.check_cutoff(init_meta, self.cutoff, cfg.init_from)
+            model.load_state_dict(weights)
+            frozen = finetune.freeze(model, cfg.freeze_blocks)
+            n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+            self.init_from = finetune.provenance(cfg.init_from, init_meta, frozen, n_frozen)
         self.frame = model.config.frame
         model.to(self.device)
         self.model = model
@@ -265,7 +278,7 @@ class Trainer:
             "model_config": model.config.as_dict(), "target": self.target, "unit": self.unit,
             "normalizer": self.normalizer.as_dict(), "cutoff": self.cutoff,
             "dataset": cfg.dataset, "frame": self.frame, "params": self.n_params,
-            "train_config": _plain(asdict(self.cfg)),
+            "train_config": _plain(asdict(self.cfg)), "init_from": self.init_from,
         }
 
     # -- resume -------------------------------------------------------------------------------
@@ -526,6 +539,10 @@ class Trainer:
                   f"{len(self.test_ds)} test crystals; frame {self.frame}, {self.n_params:,} parameters, "
                   f"{length}, {self.steps_per_epoch} steps an epoch, {cfg.schedule} schedule, device {self.device} "
                   f"(backend {self.backend})" + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
+        if self.init_from is not None:
+            src = self.init_from
+            self._log(f"fine-tuning from {src['path']} ({src['dataset']}/{src['target']}), a new target normaliser; "
+                      f"{src['frozen_values']:,} parameters frozen ({cfg.freeze_blocks} blocks)")
         while self.plan is None or self.step < self.plan.total_steps:
             epoch, first_step = self.epoch, self.step
             t0 = time.perf_counter()
@@ -605,7 +622,7 @@ class Trainer:
             "models": models, "best_val_mae": self.best_val, "best_epoch": self.best_epoch,
             "best_test_mae": models.get("best", {}).get("test_mae"),
             "test_mae_of_train_mean": float(np.mean(np.abs(test_true - self.normalizer.mean))),
-            "params": self.n_params, "schedule": cfg.schedule, "epochs": self.epoch, "steps": self.step,
+            "params": self.n_params, "init_from": self.init_from, "schedule": cfg.schedule, "epochs": self.epoch, "steps": self.step,
             "swa_steps": self.swa.n_averaged if self.swa is not None else 0, "batch_size": cfg.batch_size,
             "plan": self.plan.as_dict() if self.plan is not None else None, "time_budget_seconds": self.budget,
             "train_seconds": self.timers["train"],
