@@ -29,17 +29,18 @@ def load_initial(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     return model.state_dict(), meta
 
 
-def requested_architecture(cfg: TrainConfig) -> Dict[str, Any]:
-    """The model settings a config asks for explicitly: its model preset's, then every set field."""
-    wanted = dict(MODEL_PRESETS.get(cfg.model_preset or "", {}))
-    wanted.update({k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None})
+def requested_architecture(cfg: TrainConfig) -> Dict[str, Tuple[Any, str]]:
+    """The model settings a config asks for explicitly, each with where it comes from: its model
+    preset's, then every set field."""
+    wanted = {k: (v, f" (model {cfg.model_preset})") for k, v in MODEL_PRESETS.get(cfg.model_preset or "", {}).items()}
+    wanted.update({k: (getattr(cfg, k), "") for k in MODEL_FIELDS if getattr(cfg, k) is not None})
     return wanted
 
 
 def with_checkpoint_architecture(cfg: TrainConfig, meta: Dict[str, Any]) -> TrainConfig:
     """``cfg`` with the model fields and the cutoff of the checkpoint ``meta``; ConfigError on a conflict."""
     arch = meta["model_config"]
-    clashes = [f"{k} {v!r} (the checkpoint has {arch[k]!r})" for k, v in requested_architecture(cfg).items()
+    clashes = [f"{k} {v!r}{why} (the checkpoint has {arch[k]!r})" for k, (v, why) in requested_architecture(cfg).items()
                if k in arch and arch[k] != v]
     cutoff = meta.get("cutoff")
     if cfg.cutoff is not None and cutoff is not None and abs(float(cfg.cutoff) - float(cutoff)) > 1e-9:

@@ -112,6 +112,8 @@ def test_settings_that_contradict_the_checkpoint_are_errors(data, tmp_path):
         Trainer(_ft(data, tmp_path / "a", frame="none"))
     with pytest.raises(ConfigError, match=r"num_layers 4 \(the checkpoint has 2\)"):
         Trainer(_ft(data, tmp_path / "a", num_layers=4))
+    with pytest.raises(ConfigError, match=r"frame 'none' \(model crystalformer\) \(the checkpoint has 'max'\)"):
+        Trainer(_ft(data, tmp_path / "a", model_preset="crystalformer"))
     with pytest.raises(ConfigError, match="cutoff"):
         Trainer(_ft(data, tmp_path / "a", cutoff=5.0))
     with pytest.raises(ConfigError, match="has only 2 blocks"):
