@@ -16,8 +16,9 @@ Files under ``out_dir`` (rank 0 only):
 - ``last.pt``  everything needed to resume (model, SWA model, optimiser, step, RNG states, history);
   written atomically after every epoch, so an interrupted run (Ctrl-C, kill -9) resumed with
   ``resume=True`` ends with exactly the weights and metrics of an uninterrupted run.
-- ``model.pt`` the reported model (``reported_model``: the weight average for the paper schedule,
-  the best-validation model for the others); ``best.pt`` the best-validation model; ``swa.pt``
+- ``model.pt`` the reported model (``reported_model``; unset: the weight average for the paper schedule
+  and for validation sets under ``config.SMALL_VALIDATION`` crystals, else the best-validation
+  model); ``best.pt`` the best-validation model; ``swa.pt``
   the weight average (SWA) of the last steps.
   Every ``*.pt`` loads on its own with :func:`checkpoint.load_checkpoint`.
 - ``log.csv`` one row per epoch; ``results.json``; ``split_ids.json`` (the ids of each split);
@@ -50,7 +51,7 @@ from . import finetune, sparse
 from .basis import default_cutoff
 from .batch import collate_for, to_device
 from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint
-from .config import RUNTIME_FIELDS, TrainConfig
+from .config import RUNTIME_FIELDS, TrainConfig, default_reported_model
 from .errors import ConfigError, DataError, TrainingDiverged
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
 from .model import build_model
@@ -597,8 +598,9 @@ class Trainer:
             best_model = build_model(self.meta["model_config"]).to(self.device)
             best_model.load_state_dict(self.best_state)
             candidates["best"] = (best_model, self.best_epoch)
-        # the model the schedule promises; the others are reported beside it
-        reported = cfg.reported_model if cfg.reported_model in candidates else "final"
+        # the model asked for, or the schedule's and validation size's; the others are reported beside it
+        reported = cfg.reported_model or default_reported_model(cfg.schedule, len(self.val_ds))
+        reported = reported if reported in candidates else "final"
         predictions = {}
         for name, (model, epoch) in candidates.items():
             t0 = time.perf_counter()
