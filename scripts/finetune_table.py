@@ -3,6 +3,7 @@
 which model (best-validation, final, weight average) scored best on test.
 
     python scripts/finetune_table.py runs/ft/bulk runs/ft/jarvis     # every results.json below them
+    python scripts/finetune_table.py runs/ft --model swa              # the weight averages' test MAEs
 
 Runs are grouped by dataset, target and start (from scratch, or fine-tuned from a checkpoint, with
 its frozen blocks); each group's runs are its seeds.  The first table gives the test MAE of the
@@ -66,16 +67,21 @@ def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
 
 
-def transfer_table(runs: Sequence[Dict[str, Any]]) -> str:
+def mae(r: Dict[str, Any], model: str) -> float:
+    """Test MAE of a run's reported model, or of one of its models (best, final, swa)."""
+    return r["test_mae"] if model == "reported" else r["models"][model]["test_mae"]
+
+
+def transfer_table(runs: Sequence[Dict[str, Any]], model: str = "reported") -> str:
     g = groups(runs)
-    lines = ["| data / target | start | seeds | n train/val/test | steps | test MAE | vs scratch | wall |",
+    lines = [f"| data / target | start | seeds | n train/val/test | steps | test MAE ({model} model) | vs scratch | wall |",
              "|---|---|---|---|---|---|---|---|"]
     for (name, target, start), group in sorted(g.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "from scratch")):
-        maes = [r["test_mae"] for r in group]
+        maes = [mae(r, model) for r in group]
         scratch = g.get((name, target, "from scratch"))
         change = "-"
         if scratch and start != "from scratch":
-            base = statistics.mean(r["test_mae"] for r in scratch)
+            base = statistics.mean(mae(r, model) for r in scratch)
             change = f"{100 * (statistics.mean(maes) / base - 1):+.0f}%"
         r0 = group[0]
         walls = [r["seconds"]["total"] for r in group]
@@ -105,12 +111,14 @@ def models_table(runs: Sequence[Dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="folders searched for results.json")
+    p.add_argument("--model", choices=("reported",) + MODELS, default="reported",
+                   help="whose test MAE the first table shows [default: each run's reported model]")
     args = p.parse_args(argv)
     runs = load_runs(args.folders)
     if not runs:
         print(f"error: no results.json with test MAEs under {', '.join(args.folders)}", file=sys.stderr)
         return 2
-    print(transfer_table(runs))
+    print(transfer_table(runs, args.model))
     print()
     print(models_table(runs))
     return 0

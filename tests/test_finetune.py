@@ -157,3 +157,26 @@ def test_command_line_fine_tunes_with_frozen_blocks(data, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["num_layers"] == 2 and res["config"]["freeze_blocks"] == 2  # not the smoke preset's 1 block
     assert res["init_from"]["sha256"] == hashlib.sha256(data["ckpt"].read_bytes()).hexdigest()
+
+
+def test_finetune_table_script_compares_fine_tuned_with_scratch(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_table", Path(__file__).parents[1] / "scripts" / "finetune_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for k, (start, maes) in enumerate([(None, (0.4, 0.5, 0.6)), ({"dataset": "megnet_sample", "target": "e_form"},
+                                                                  (0.2, 0.3, 0.1))]):
+        models = {"best": {"test_mae": maes[0]}, "final": {"test_mae": maes[1]}, "swa": {"test_mae": maes[2]}}
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps(dict(
+            dataset="dft_3d_2021", target="formation_energy_peratom", unit="eV/atom", init_from=start, config={},
+            n_train=210, n_val=18, n_test=23, steps=210, test_mae=maes[0], models=models, seconds={"total": 61.0})))
+    assert script.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| fine-tuned from megnet_sample/e_form | 1 | 210/18/23 | 210 | 0.200 eV/atom | -50% | 1 min 01 s |" in out
+    assert "| 0.400 | 0.500 | 0.600 | best 1 |" in out and "| 0.200 | 0.300 | 0.100 | swa 1 |" in out
+    assert script.main([str(tmp_path), "--model", "swa"]) == 0
+    assert "| 0.100 eV/atom | -83% |" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "run0" / "nothing")]) == 2
