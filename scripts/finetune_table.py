@@ -44,11 +44,13 @@ def start_of(r: Dict[str, Any]) -> str:
     return f"fine-tuned from {src.get('dataset')}/{src.get('target')}" + (f", {frozen} blocks frozen" if frozen else "")
 
 
-def groups(runs: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str, str], List[Dict[str, Any]]]:
-    out: Dict[Tuple[str, str, str], List[Dict[str, Any]]] = {}
+def groups(runs: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str, str, str], List[Dict[str, Any]]]:
+    """Runs by (dataset, target, model, start): the seeds of one setting."""
+    out: Dict[Tuple[str, str, str, str], List[Dict[str, Any]]] = {}
     for r in runs:
         name = Path(r["dataset"]).name
-        out.setdefault((name, r["target"], start_of(r)), []).append(r)
+        model = r.get("model_preset") or r.get("frame") or "-"
+        out.setdefault((name, r["target"], model, start_of(r)), []).append(r)
     return out
 
 
@@ -74,11 +76,11 @@ def mae(r: Dict[str, Any], model: str) -> float:
 
 def transfer_table(runs: Sequence[Dict[str, Any]], model: str = "reported") -> str:
     g = groups(runs)
-    lines = [f"| data / target | start | seeds | n train/val/test | steps | test MAE ({model} model) | vs scratch | wall |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (name, target, start), group in sorted(g.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "from scratch")):
+    lines = [f"| data / target | model | start | seeds | n train/val/test | steps | test MAE ({model} model) | vs scratch "
+             "| wall |", "|---|---|---|---|---|---|---|---|---|"]
+    for (name, target, arch, start), group in sorted(g.items(), key=lambda kv: (*kv[0][:3], kv[0][3] != "from scratch")):
         maes = [mae(r, model) for r in group]
-        scratch = g.get((name, target, "from scratch"))
+        scratch = g.get((name, target, arch, "from scratch"))
         change = "-"
         if scratch and start != "from scratch":
             base = statistics.mean(mae(r, model) for r in scratch)
@@ -86,16 +88,16 @@ def transfer_table(runs: Sequence[Dict[str, Any]], model: str = "reported") -> s
         r0 = group[0]
         walls = [r["seconds"]["total"] for r in group]
         unit = f" {r0.get('unit')}" if r0.get("unit") else ""
-        lines.append(f"| {name} / {target} | {start} | {len(group)} | {r0['n_train']}/{r0['n_val']}/{r0['n_test']} | "
+        lines.append(f"| {name} / {target} | {arch} | {start} | {len(group)} | {r0['n_train']}/{r0['n_val']}/{r0['n_test']} | "
                      f"{span([r['steps'] for r in group])} | {mean_std(maes)}{unit} | {change} | "
                      f"{minutes(min(walls))}" + (f" - {minutes(max(walls))}" if len(walls) > 1 else "") + " |")
     return "\n".join(lines)
 
 
 def models_table(runs: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| data / target | start | n val | seeds | " + " | ".join(f"test MAE `{m}`" for m in MODELS)
-             + " | lowest (runs) |", "|---|---|---|---|" + "---|" * len(MODELS) + "---|"]
-    for (name, target, start), group in sorted(groups(runs).items()):
+    lines = ["| data / target | model | start | n val | seeds | " + " | ".join(f"test MAE `{m}`" for m in MODELS)
+             + " | lowest (runs) |", "|---|---|---|---|---|" + "---|" * len(MODELS) + "---|"]
+    for (name, target, arch, start), group in sorted(groups(runs).items()):
         group = [r for r in group if all(m in r["models"] for m in MODELS)]
         if not group:
             continue
@@ -103,7 +105,7 @@ def models_table(runs: Sequence[Dict[str, Any]]) -> str:
         wins = {m: 0 for m in MODELS}
         for r in group:
             wins[min(MODELS, key=lambda m: r["models"][m]["test_mae"])] += 1
-        lines.append(f"| {name} / {target} | {start} | {group[0]['n_val']} | {len(group)} | " + " | ".join(cells)
+        lines.append(f"| {name} / {target} | {arch} | {start} | {group[0]['n_val']} | {len(group)} | " + " | ".join(cells)
                      + " | " + ", ".join(f"{m} {k}" for m, k in wins.items() if k) + " |")
     return "\n".join(lines)
 
