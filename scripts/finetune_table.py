@@ -6,9 +6,9 @@ which model (best-validation, final, weight average) scored best on test.
     python scripts/finetune_table.py runs/ft --model swa              # the weight averages' test MAEs
 
 Runs are grouped by dataset, target and start (from scratch, or fine-tuned from a checkpoint, with
-its frozen blocks); each group's runs are its seeds.  The first table gives the test MAE of the
-reported model as mean ± sample standard deviation over seeds, the change against the scratch group
-of the same dataset and target, the optimiser steps (equal steps make a fair comparison on a shared
+its frozen blocks, and the peak learning rate); each group's runs are its seeds.  The first table
+gives the test MAE of the reported model as mean ± sample standard deviation over seeds, the change
+against the best from-scratch group of the same dataset, target and model, the optimiser steps (equal steps make a fair comparison on a shared
 machine, where wall time varies with load) and the wall time.  The second gives the test MAE of
 each of the three models every run evaluates (results.json "models"), and how often each was the
 lowest of the three.
@@ -37,11 +37,14 @@ def load_runs(folders: Sequence[str]) -> List[Dict[str, Any]]:
 
 
 def start_of(r: Dict[str, Any]) -> str:
+    """'from scratch' or 'fine-tuned from DATASET/TARGET', with the frozen blocks and the peak lr."""
+    cfg = r.get("config") or {}
+    lr = f", lr {cfg['lr']:g}" if cfg.get("lr") else ""
     src = r.get("init_from")
     if not src:
-        return "from scratch"
-    frozen = (r.get("config") or {}).get("freeze_blocks") or 0
-    return f"fine-tuned from {src.get('dataset')}/{src.get('target')}" + (f", {frozen} blocks frozen" if frozen else "")
+        return "from scratch" + lr
+    frozen = cfg.get("freeze_blocks") or 0
+    return f"fine-tuned from {src.get('dataset')}/{src.get('target')}" + (f", {frozen} blocks frozen" if frozen else "") + lr
 
 
 def groups(runs: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str, str, str], List[Dict[str, Any]]]:
@@ -78,13 +81,14 @@ def transfer_table(runs: Sequence[Dict[str, Any]], model: str = "reported") -> s
     g = groups(runs)
     lines = [f"| data / target | model | start | seeds | n train/val/test | steps | test MAE ({model} model) | vs scratch "
              "| wall |", "|---|---|---|---|---|---|---|---|---|"]
-    for (name, target, arch, start), group in sorted(g.items(), key=lambda kv: (*kv[0][:3], kv[0][3] != "from scratch")):
+    for (name, target, arch, start), group in sorted(g.items(), key=lambda kv: (*kv[0][:3], not kv[0][3].startswith("from scratch"), kv[0][3])):
         maes = [mae(r, model) for r in group]
-        scratch = g.get((name, target, arch, "from scratch"))
+        # against the best from-scratch setting of the same data, target and model
+        scratch = [statistics.mean(mae(r, model) for r in rs) for (n, t, a, st), rs in g.items()
+                   if (n, t, a) == (name, target, arch) and st.startswith("from scratch")]
         change = "-"
-        if scratch and start != "from scratch":
-            base = statistics.mean(mae(r, model) for r in scratch)
-            change = f"{100 * (statistics.mean(maes) / base - 1):+.0f}%"
+        if scratch and not start.startswith("from scratch"):
+            change = f"{100 * (statistics.mean(maes) / min(scratch) - 1):+.0f}%"
         r0 = group[0]
         walls = [r["seconds"]["total"] for r in group]
         unit = f" {r0.get('unit')}" if r0.get("unit") else ""

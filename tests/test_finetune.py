@@ -171,11 +171,12 @@ def test_finetune_table_script_compares_fine_tuned_with_scratch(tmp_path, capsys
         run = tmp_path / f"run{k}"
         run.mkdir()
         (run / "results.json").write_text(json.dumps(dict(
-            dataset="dft_3d_2021", target="formation_energy_peratom", unit="eV/atom", init_from=start, config={}, frame="max",
+            dataset="dft_3d_2021", target="formation_energy_peratom", unit="eV/atom", init_from=start, config={"lr": 2e-3}, frame="max",
             n_train=210, n_val=18, n_test=23, steps=210, test_mae=maes[0], models=models, seconds={"total": 61.0})))
     assert script.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| max | fine-tuned from megnet_sample/e_form | 1 | 210/18/23 | 210 | 0.200 eV/atom | -50% | 1 min 01 s |" in out
+    assert ("| max | fine-tuned from megnet_sample/e_form, lr 0.002 | 1 | 210/18/23 | 210 | 0.200 eV/atom | -50% | "
+            "1 min 01 s |") in out
     assert "| 0.400 | 0.500 | 0.600 | best 1 |" in out and "| 0.200 | 0.300 | 0.100 | swa 1 |" in out
     assert script.main([str(tmp_path), "--model", "swa"]) == 0
     assert "| 0.100 eV/atom | -83% |" in capsys.readouterr().out
