@@ -219,7 +219,7 @@ class _RunSettings:
         c = replace(self)
         if c.target is None:
             c.target = default_target(c.dataset)
-        if c.frame is None and c.model_preset is None:
+        if c.frame is None and c.model_preset is None and not c.init_from:  # (a checkpoint to start from decides)
             c.frame = ModelConfig.frame  # the default model, stated
         if c.time_budget is not None and c.schedule is None:
             c.schedule = "cosine"  # a budget anneals to zero by its planned end, whatever the preset
@@ -233,7 +233,7 @@ class _RunSettings:
         if c.time_budget is not None or "time_budget" in preset:  # a budget plans its own length
             preset.pop("epochs", None)
         for k, v in preset.items():
-            if getattr(c, k) is None:
+            if getattr(c, k) is None and not (c.init_from and k in MODEL_FIELDS):  # a checkpoint's model is its own
                 setattr(c, k, v)
         c.lr = 5e-4 if c.lr is None else c.lr
         c.warmup_steps = 0 if c.warmup_steps is None else c.warmup_steps

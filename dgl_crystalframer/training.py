@@ -302,6 +302,8 @@ class Trainer:
                               + "; use the same settings or another --out")
         st = ckpt["train_state"]
         self.model.load_state_dict(ckpt["model"])
+        if ckpt["meta"].get("init_from"):  # a fine-tuning run keeps the record of the weights it started from
+            self.init_from = self.meta["init_from"] = ckpt["meta"]["init_from"]
         self.optimizer.load_state_dict(st["optimizer"])
         self.step, self.epoch = int(st["step"]), int(st["epoch"])
         if st.get("plan") is not None:  # the resumed run keeps the schedule it planned, budget or not

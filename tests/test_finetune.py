@@ -120,6 +120,8 @@ def test_settings_that_contradict_the_checkpoint_are_errors(data, tmp_path):
         Trainer(_ft(data, tmp_path / "a", freeze_blocks=3))
     with pytest.raises(ConfigError, match="freeze_blocks 1 needs init_from"):
         Trainer(tiny_config(data["small"], tmp_path / "a", freeze_blocks=1))
+    # a config resolved before the checkpoint is read states no model of its own
+    Trainer(_ft(data, tmp_path / "b").resolved())
     # the settings a checkpoint agrees with are fine (tiny_config names the tiny model's own sizes)
     Trainer(tiny_config(data["shifted"], tmp_path / "b", init_from=str(data["ckpt"]), num_layers=2))
 
