@@ -25,6 +25,8 @@ def load_initial(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         model, meta = load_checkpoint(path)
     except (UserError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         text = " ".join(str(exc).split()) or type(exc).__name__
+        if "weights_only" in text:  # torch's advice to load it unsafely: never for a file from elsewhere
+            text = "not a checkpoint this package can read, or a damaged one; refused without running its contents"
         raise ConfigError(f"init_from {path}: cannot start from it ({text})") from None
     return model.state_dict(), meta
 

@@ -144,7 +144,11 @@ def test_command_line_errors_are_one_line(data, tmp_path, capsys):
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data["ckpt"].read_bytes()[:3000])
-    for bad in (junk, truncated, tmp_path / "missing.pt"):
+    foreign = tmp_path / "foreign.pt"  # a pickle that weights_only loading refuses
+    import argparse
+
+    torch.save({"model": argparse.Namespace(a=1)}, foreign)
+    for bad in (junk, truncated, foreign, tmp_path / "missing.pt"):
         rc, err = _train_cli(capsys, *common, "--init-from", str(bad))
         assert rc == 2 and len(err) == 1 and str(bad) in err[0] and "weights_only=False" not in err[0], err
     assert not (tmp_path / "o").exists()
