@@ -89,8 +89,9 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
     return p
 
 
-FLAG_KEYS = ("dataset", "target", "num_layers", "model_preset", "init_from", "freeze_blocks", "preset", "time_budget", "schedule", "epochs", "swa_epochs", "batch_size",
-             "lr", "unit", "max_train", "device", "backend", "threads", "data_dir", "cache_dir", "out_dir", "resume", "seed")
+FLAG_KEYS = ("dataset", "target", "num_layers", "model_preset", "init_from", "freeze_blocks", "preset", "time_budget",
+             "schedule", "epochs", "swa_epochs", "batch_size", "lr", "unit", "max_train", "device", "backend", "threads",
+             "data_dir", "cache_dir", "out_dir", "resume", "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
