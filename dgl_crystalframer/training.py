@@ -16,9 +16,9 @@ Files under ``out_dir`` (rank 0 only):
 - ``last.pt``  everything needed to resume (model, SWA model, optimiser, step, RNG states, history);
   written atomically after every epoch, so an interrupted run (Ctrl-C, kill -9) resumed with
   ``resume=True`` ends with exactly the weights and metrics of an uninterrupted run.
-- ``model.pt`` the reported model (``reported_model``; unset: the weight average for the paper schedule
-  and for validation sets under ``config.SMALL_VALIDATION`` crystals, else the best-validation
-  model); ``best.pt`` the best-validation model; ``swa.pt``
+- ``model.pt`` the reported model (``reported_model``; unset: the weight average for the paper
+  schedule, the final model for validation sets under ``config.SMALL_VALIDATION`` crystals, else the
+  best-validation model); ``best.pt`` the best-validation model; ``swa.pt``
   the weight average (SWA) of the last steps.
   Every ``*.pt`` loads on its own with :func:`checkpoint.load_checkpoint`.
 - ``log.csv`` one row per epoch; ``results.json``; ``split_ids.json`` (the ids of each split);

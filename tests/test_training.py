@@ -94,8 +94,8 @@ def test_train_writes_everything_and_checkpoints_load(small_data, tmp_path):
     assert not list(out.glob("*.tmp"))
 
     model, meta = load_checkpoint(str(out / "model.pt"))  # the reported model
-    # 12 validation crystals: the weight average is reported (config.default_reported_model)
-    assert meta["kind"] == res["reported_model"] == "swa" and meta["target"] == "e_form"
+    # 12 validation crystals: the final model is reported (config.default_reported_model)
+    assert meta["kind"] == res["reported_model"] == "final" and meta["target"] == "e_form"
     assert load_checkpoint(str(out / "swa.pt"))[1]["kind"] == "swa"
     assert meta["cutoff"] == pytest.approx(res["cutoff"]) and meta["normalizer"]["std"] > 0
     assert model.config.num_layers == 1 and not model.training
@@ -264,8 +264,8 @@ def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(small_data, tmp
     assert res["steps"] == plan["total_steps"] and plan["budget_seconds"] == 25.0
     assert res["epochs"] == math.ceil(plan["total_steps"] / 5)  # 40 crystals at batch 8: 5 steps an epoch
     assert res["swa_steps"] == plan["total_steps"] - plan["swa_start_step"] > 0
-    assert res["schedule"] == "cosine" and res["reported_model"] == "swa" and res["time_budget_seconds"] == 25.0
-    assert set(res["models"]) == {"swa", "best", "final"} and res["test_mae"] == res["models"]["swa"]["test_mae"]
+    assert res["schedule"] == "cosine" and res["reported_model"] == "final" and res["time_budget_seconds"] == 25.0
+    assert set(res["models"]) == {"swa", "best", "final"} and res["test_mae"] == res["models"]["final"]["test_mae"]
     assert {"data", "train", "validation", "checkpoints", "final", "total"} <= set(res["seconds"])
     lr_last = [float(line.split(",")[6]) for line in (out / "log.csv").read_text().splitlines()[1:]][-1]
     assert lr_last < 0.05 * 5e-4  # annealed to (near) zero by the planned end
