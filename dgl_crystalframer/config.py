@@ -122,6 +122,21 @@ TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": dict(schedule="paper", lr=5e-4, warmup_steps=0),
 }
 REPORTED_MODELS = ("swa", "best", "final")
+# Below this many validation crystals, a run that does not name its reported model reports the
+# final model, not the best-validation one: the epoch of lowest validation MAE is then mostly noise,
+# and it scored worse on test in measurements over seeds (README, "Which model a run reports").
+SMALL_VALIDATION = 200
+
+
+def default_reported_model(schedule: str, n_val: int) -> str:
+    """The model a run reports unless ``reported_model`` says: the weight average for the paper
+    schedule (its lr never anneals), the final model for small validation sets, else the
+    best-validation model."""
+    if schedule == "paper":
+        return "swa"
+    return "final" if n_val < SMALL_VALIDATION else "best"
+
+
 # Fields that may differ between an interrupted run and its resumption.
 RUNTIME_FIELDS = ("device", "backend", "threads", "num_workers", "build_workers", "deterministic", "out_dir", "resume",
                   "overwrite", "progress", "plots", "data_dir",
@@ -152,6 +167,9 @@ class _RunSettings:
     unit: Optional[str] = None  # the target's unit, for data that does not say
     # model: model_preset, then the ModelConfig fields (None: from the preset / the defaults)
     model_preset: Optional[str] = None  # crystalformer | default | lightweight
+    # fine-tuning (finetune.py): start from this checkpoint's weights, architecture and cutoff
+    init_from: Optional[str] = None
+    freeze_blocks: int = 0  # N >= 1: the embedding and the first N attention blocks stay as loaded
     # schedule
     preset: str = "quick"
     schedule: Optional[str] = None  # paper | cosine (schedule.py); None: the preset's
@@ -167,7 +185,7 @@ class _RunSettings:
     swa_epochs: Optional[int] = None  # None: min(50, 10% of epochs)
     swa_fraction: float = 0.2  # with a time budget: the part of the planned steps whose weights are averaged
     warmup_steps: Optional[int] = None  # linear warm-up steps (cosine schedule); None: the preset's
-    reported_model: Optional[str] = None  # swa | best | final; None: swa for the paper schedule, else best
+    reported_model: Optional[str] = None  # swa | best | final; None: default_reported_model(schedule, n_val)
     seed: int = 123
     # runtime
     device: str = "auto"
@@ -227,7 +245,7 @@ class _RunSettings:
         c = replace(self)
         if c.target is None:
             c.target = default_target(c.dataset)
-        if c.frame is None and c.model_preset is None:
+        if c.frame is None and c.model_preset is None and not c.init_from:  # (a checkpoint to start from decides)
             c.frame = ModelConfig.frame  # the default model, stated
         if c.time_budget is not None and c.schedule is None:
             c.schedule = "cosine"  # a budget anneals to zero by its planned end, whatever the preset
@@ -241,18 +259,17 @@ class _RunSettings:
         if c.time_budget is not None or "time_budget" in preset:  # a budget plans its own length
             preset.pop("epochs", None)
         for k, v in preset.items():
-            if getattr(c, k) is None:
+            if getattr(c, k) is None and not (c.init_from and k in MODEL_FIELDS):  # a checkpoint's model is its own
                 setattr(c, k, v)
         c.lr = 5e-4 if c.lr is None else c.lr
         c.warmup_steps = 0 if c.warmup_steps is None else c.warmup_steps
         if c.eval_batch_size is None:
             c.eval_batch_size = max(c.batch_size, 64)
-        if c.reported_model is None:  # what each schedule promises (the other models are reported too)
-            c.reported_model = "swa" if c.schedule == "paper" else "best"
+        # reported_model None: decided by the schedule and the validation size (default_reported_model)
         if c.swa_epochs is None:
             c.swa_epochs = 0 if c.epochs is None else max(1, min(50, int(round(0.1 * c.epochs)))) if c.epochs >= 2 else 0
         if c.out_dir is None:
-            c.out_dir = default_out_dir(c.dataset, c.target, c.model_config().frame)
+            c.out_dir = default_out_dir(c.dataset, c.target, c.model_preset or c.model_config().frame)
         c.validate()
         return c
 
@@ -289,6 +306,11 @@ class _RunSettings:
             raise ConfigError("swa_fraction must be in [0, 1) and warmup_steps >= 0")
         if self.time_budget is not None:
             parse_duration(self.time_budget)  # raises ConfigError on a bad duration
+        if self.freeze_blocks < 0:
+            raise ConfigError(f"freeze_blocks must be >= 0 (got {self.freeze_blocks})")
+        if self.freeze_blocks and not self.init_from:
+            raise ConfigError(f"freeze_blocks {self.freeze_blocks} needs init_from: freezing keeps loaded weights, "
+                              "and there are none without a checkpoint to start from")
         if self.cutoff is not None and not self.cutoff > 0:
             raise ConfigError(f"cutoff must be > 0 Angstrom (got {self.cutoff})")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device).strip().lower()):
@@ -368,5 +390,6 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
-__all__ = ["BACKENDS", "ConfigError", "FRAMES", "FRAME_TYPES", "FrameType", "SCHEDULES", "MODEL_FIELDS", "MODEL_PRESETS", "ModelConfig", "RUNTIME_FIELDS",
-           "TRAIN_PRESETS", "TrainConfig", "default_out_dir", "model_config", "paper_schedule", "read_config_file"]
+__all__ = ["BACKENDS", "ConfigError", "FRAMES", "FRAME_TYPES", "FrameType", "SCHEDULES", "MODEL_FIELDS", "MODEL_PRESETS",
+           "ModelConfig", "RUNTIME_FIELDS", "SMALL_VALIDATION", "TRAIN_PRESETS", "TrainConfig", "default_out_dir",
+           "default_reported_model", "model_config", "paper_schedule", "read_config_file"]

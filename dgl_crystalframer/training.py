@@ -9,14 +9,16 @@ Recipe: targets standardised with the train mean and population std, L1 loss, Ad
 cosine annealed to zero), stochastic weight averaging (equal weights, every step) over the last
 ``swa_epochs`` epochs or, with a time budget, the last ``swa_fraction`` of the planned steps.
 The length of the run is ``epochs``, or a ``time_budget`` that plans the steps that fit.
+With ``init_from`` the run starts from a checkpoint's weights (``finetune.py``).
 
 Files under ``out_dir`` (rank 0 only):
 
 - ``last.pt``  everything needed to resume (model, SWA model, optimiser, step, RNG states, history);
   written atomically after every epoch, so an interrupted run (Ctrl-C, kill -9) resumed with
   ``resume=True`` ends with exactly the weights and metrics of an uninterrupted run.
-- ``model.pt`` the reported model (``reported_model``: the weight average for the paper schedule,
-  the best-validation model for the others); ``best.pt`` the best-validation model; ``swa.pt``
+- ``model.pt`` the reported model (``reported_model``; unset: the weight average for the paper
+  schedule, the final model for validation sets under ``config.SMALL_VALIDATION`` crystals, else the
+  best-validation model); ``best.pt`` the best-validation model; ``swa.pt``
   the weight average (SWA) of the last steps.
   Every ``*.pt`` loads on its own with :func:`checkpoint.load_checkpoint`.
 - ``log.csv`` one row per epoch; ``results.json``; ``split_ids.json`` (the ids of each split);
@@ -46,11 +48,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from . import sparse
+from . import finetune, sparse
 from .basis import default_cutoff
 from .batch import collate_for, to_device
 from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint, read_checkpoint
-from .config import RUNTIME_FIELDS, TrainConfig
+from .config import RUNTIME_FIELDS, TrainConfig, default_reported_model
 from .domain import domain_of
 from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
@@ -188,6 +190,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, data: Any = None, started_at: Optional[float] = None):
+        self.initial: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None  # fine-tuning: (weights, meta)
+        if cfg.init_from:
+            self.initial = finetune.load_initial(cfg.init_from)
+            cfg = finetune.with_checkpoint_architecture(cfg, self.initial[1])
         self.cfg = cfg.resolved()
         self._data = data
         self.started_at = started_at  # perf_counter() when the run began (data loading counts in a budget)
@@ -279,6 +285,14 @@ class Trainer:
         self.num_workers = default_num_workers(self.device) if cfg.num_workers is None else cfg.num_workers
         self._train_loader: Optional[DataLoader] = None
         self._eval_loaders: Dict[int, Tuple[Dataset, DataLoader]] = {}
+        self.init_from = None
+        if self.initial is not None:  # fine-tuning: the checkpoint's weights, some of them frozen
+            weights, init_meta = self.initial
+            finetune.check_cutoff(init_meta, self.cutoff, cfg.init_from)
+            model.load_state_dict(weights)
+            frozen = finetune.freeze(model, cfg.freeze_blocks)
+            n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+            self.init_from = finetune.provenance(cfg.init_from, init_meta, frozen, n_frozen)
         self.frame = model.config.frame
         model.to(self.device)
         self.model = model
@@ -312,7 +326,7 @@ class Trainer:
             "model_config": model.config.as_dict(), "target": self.target, "unit": self.unit,
             "normalizer": self.normalizer.as_dict(), "cutoff": self.cutoff,
             "dataset": cfg.dataset, "frame": self.frame, "params": self.n_params,
-            "train_config": _plain(asdict(self.cfg)),
+            "train_config": _plain(asdict(self.cfg)), "init_from": self.init_from,
             # what predict checks new crystals against (domain.py)
             "domain": domain_of(self.train_ds[i][0] for i in range(len(self.train_ds))),
         }
@@ -343,6 +357,8 @@ class Trainer:
                               + "; use the same settings or another --out")
         st = ckpt["train_state"]
         self.model.load_state_dict(ckpt["model"])
+        if ckpt["meta"].get("init_from"):  # a fine-tuning run keeps the record of the weights it started from
+            self.init_from = self.meta["init_from"] = ckpt["meta"]["init_from"]
         self.optimizer.load_state_dict(st["optimizer"])
         self.step, self.epoch = int(st["step"]), int(st["epoch"])
         if st.get("plan") is not None:  # the resumed run keeps the schedule it planned, budget or not
@@ -604,6 +620,10 @@ class Trainer:
                   f"{len(self.test_ds)} test crystals; frame {self.frame}, {self.n_params:,} parameters, "
                   f"{length}, {self.steps_per_epoch} steps an epoch, {cfg.schedule} schedule, device {self.device} "
                   f"(backend {self.backend})" + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
+        if self.init_from is not None:
+            src = self.init_from
+            self._log(f"fine-tuning from {src['path']} ({src['dataset']}/{src['target']}), a new target normaliser; "
+                      f"{src['frozen_values']:,} parameters frozen ({cfg.freeze_blocks} blocks)")
         while self.plan is None or self.step < self.plan.total_steps:
             epoch, first_step = self.epoch, self.step
             t0 = time.perf_counter()
@@ -659,8 +679,9 @@ class Trainer:
             best_model.sparse_backend = self.backend
             best_model.load_state_dict(self.best_state)
             candidates["best"] = (best_model, self.best_epoch)
-        # the model the schedule promises; the others are reported beside it
-        reported = cfg.reported_model if cfg.reported_model in candidates else "final"
+        # the model asked for, or the schedule's and validation size's; the others are reported beside it
+        reported = cfg.reported_model or default_reported_model(cfg.schedule, len(self.val_ds))
+        reported = reported if reported in candidates else "final"
         predictions = {}
         for name, (model, epoch) in candidates.items():
             t0 = time.perf_counter()
@@ -684,7 +705,7 @@ class Trainer:
             "models": models, "best_val_mae": self.best_val, "best_epoch": self.best_epoch,
             "best_test_mae": models.get("best", {}).get("test_mae"),
             "test_mae_of_train_mean": float(np.mean(np.abs(test_true - self.normalizer.mean))),
-            "params": self.n_params, "schedule": cfg.schedule, "epochs": self.epoch, "steps": self.step,
+            "params": self.n_params, "init_from": self.init_from, "schedule": cfg.schedule, "epochs": self.epoch, "steps": self.step,
             "swa_steps": self.swa.n_averaged if self.swa is not None else 0, "batch_size": cfg.batch_size,
             "plan": self.plan.as_dict() if self.plan is not None else None, "time_budget_seconds": self.budget,
             "train_seconds": self.timers["train"],

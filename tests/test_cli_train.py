@@ -96,6 +96,19 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_model_flag_picks_the_papers_presets():
+    from dgl_crystalframer.config import MODEL_PRESETS, model_config
+
+    for name in MODEL_PRESETS:
+        cfg = train_cli.config_from_args(train_cli.build_parser().parse_args(["--model", name])).resolved()
+        assert cfg.model_config() == model_config(name)
+        assert cfg.out_dir.endswith(f"megnet_sample-e_form-{name}")  # presets sharing a frame type get their own folder
+    args = train_cli.build_parser().parse_args(["--model", "lightweight", "--layers", "2"])
+    assert train_cli.config_from_args(args).model_config() == model_config("lightweight", num_layers=2)
+    proc = _cli("--model", "tiny")
+    assert proc.returncode == 2 and "invalid choice: 'tiny'" in proc.stderr
+
+
 def test_missing_jarvis_file_fails_fast_with_one_message(tmp_path):
     empty = tmp_path / "jarvis"
     empty.mkdir()

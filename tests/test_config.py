@@ -30,7 +30,8 @@ def test_explicit_fields_override_presets():
     assert c.swa_epochs == 1  # 10% of 7, at least 1
     q = TrainConfig(preset="quick").resolved()  # the paper's model, all training crystals, for a fixed time
     assert (q.time_budget, q.batch_size, q.lr, q.warmup_steps, q.schedule) == ("12m", 32, 2e-3, 0, "cosine")
-    assert q.model_config() == ModelConfig() and q.max_train is None and q.reported_model == "best"
+    assert q.model_config() == ModelConfig() and q.max_train is None
+    assert q.reported_model is None  # decided at the end, by the validation size (default_reported_model)
     assert q.epochs is None and q.resolved() == q  # a budget plans the length; resolving again changes nothing
     e = TrainConfig(preset="quick", epochs=7).resolved()  # explicit epochs replace the budget
     assert e.resolved() == e
@@ -38,13 +39,21 @@ def test_explicit_fields_override_presets():
     with pytest.raises(ConfigError, match="not both"):
         TrainConfig(epochs=3, time_budget="1m").resolved()
     p = TrainConfig(preset="paper", time_budget="2h").resolved()  # a budget anneals, whatever the preset
-    assert (p.schedule, p.lr, p.reported_model) == ("cosine", 5e-4, "best")
+    assert (p.schedule, p.lr, p.reported_model) == ("cosine", 5e-4, None)
     s = TrainConfig(preset="smoke").resolved()
     assert s.epochs <= 3 and s.num_layers == 1
     with pytest.raises(ConfigError, match="frame"):
         TrainConfig(frame="bogus").resolved()
     with pytest.raises(ConfigError, match="swa_epochs"):
         TrainConfig(epochs=3, swa_epochs=4).resolved()
+
+
+def test_reported_model_follows_the_schedule_and_the_validation_size():
+    from dgl_crystalframer.config import SMALL_VALIDATION, default_reported_model
+
+    assert default_reported_model("cosine", SMALL_VALIDATION - 1) == "final"  # a small validation set
+    assert default_reported_model("cosine", SMALL_VALIDATION) == "best"
+    assert default_reported_model("paper", 10 * SMALL_VALIDATION) == "swa"
 
 
 def test_config_file_yaml_json_and_unknown_keys(tmp_path):

@@ -12,7 +12,7 @@ def test_declared_space_covers_the_issue():
     assert set(S.SPACE["num_angle_basis"].values) >= {16, 32, 64}
     assert isinstance(S.SPACE["lr"], S.LogRange)
     assert "batch_size" in S.SPACE
-    assert set(S.CLI_FLAGS.values()) <= set(S.SPACE)
+    assert set(S.CLI_FLAGS.values()) <= set(S.SPACE) | set(S.OPTIONAL)
 
 
 def test_narrow_from_cli_strings():
@@ -80,3 +80,26 @@ def test_suggest_uses_every_parameter():
     params = S.suggest(trial, S.SPACE)
     assert set(params) == set(S.SPACE)
     assert params["frame"] in S.FRAMES and 1 <= params["num_layers"] <= 8
+
+
+def test_model_presets_replace_frame_and_angle_basis_when_searched():
+    from dgl_crystalframer.config import MODEL_PRESETS
+
+    assert S.build_space({}) == S.SPACE  # not searched unless asked for
+    sp = S.build_space({"model_preset": "crystalformer,lightweight", "num_layers": "4"})
+    assert sp["model_preset"] == S.Choice(("crystalformer", "lightweight"))
+    assert "frame" not in sp and "num_angle_basis" not in sp and sp["num_layers"] == S.IntRange(4, 4)
+    assert S.build_space({"model_preset": "lightweight"})["model_preset"].values == ("lightweight",)
+    assert set(S.OPTIONAL["model_preset"][0].values) == set(MODEL_PRESETS)
+    with pytest.raises(S.SpaceError, match="model_preset fixes frame"):
+        S.build_space({"model_preset": "default", "frame": "none"})
+    with pytest.raises(S.SpaceError, match="bogus"):
+        S.build_space({"model_preset": "bogus"})
+
+
+def test_fine_tuning_sweeps_leave_the_architecture_to_the_checkpoint():
+    sp = S.build_space({"lr": "1e-4..1e-3"}, fine_tuning=True)
+    assert set(sp) == {"lr", "batch_size"}
+    for arch in ({"frame": "max"}, {"num_layers": "2..4"}, {"model_preset": "lightweight"}):
+        with pytest.raises(S.SpaceError, match="checkpoint fixes the architecture"):
+            S.build_space(arch, fine_tuning=True)

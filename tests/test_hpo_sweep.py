@@ -223,6 +223,26 @@ def test_cli_end_to_end_with_the_test_hook(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "cli" / "report" / "best_config.yaml").exists()
 
 
+def test_cli_sweeps_model_presets_and_fine_tuning(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPO_TRAINER", "dgl_crystalframer.hpo.fake:train")
+    common = ["--dataset", "megnet_sample", "--target", "e_form", "--out", str(tmp_path), "--epochs", "2",
+              "--sampler", "grid", "--batch-sizes", "64", "--lr", "5e-4"]
+    assert main_sweep(["--study", "models", "--n-trials", "3", "--models", "crystalformer,default,lightweight",
+                       "--layers", "4", *common]) == 0
+    study = optuna.load_study(study_name="models", storage=f"sqlite:///{tmp_path}/hpo.db")
+    assert {t.params["model_preset"] for t in study.trials} == {"crystalformer", "default", "lightweight"}
+    from dgl_crystalframer.config import TrainConfig, model_config
+
+    for t in study.trials:  # each trial trains exactly the paper's model of its preset
+        assert "frame" not in t.params
+        cfg = TrainConfig.from_dict(t.user_attrs["config"])
+        assert cfg.model_config() == model_config(t.params["model_preset"], num_layers=4)
+    assert main_sweep(["--study", "ft", "--n-trials", "1", "--set", "init_from=runs/pre/model.pt", *common]) == 0
+    trial = optuna.load_study(study_name="ft", storage=f"sqlite:///{tmp_path}/hpo.db").trials[0]
+    assert set(trial.params) == {"lr", "batch_size"}
+    assert trial.user_attrs["config"]["init_from"] == "runs/pre/model.pt"
+
+
 def test_cli_errors_are_clear(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HPO_TRAINER", "dgl_crystalframer.hpo.fake:train")
     common = ["--study", "e", "--dataset", "d", "--target", "t", "--n-trials", "1", "--out", str(tmp_path)]

@@ -94,7 +94,8 @@ def test_train_writes_everything_and_checkpoints_load(small_data, tmp_path):
     assert not list(out.glob("*.tmp"))
 
     model, meta = load_checkpoint(str(out / "model.pt"))  # the reported model
-    assert meta["kind"] == res["reported_model"] == "best" and meta["target"] == "e_form"  # cosine: best-validation
+    # 12 validation crystals: the final model is reported (config.default_reported_model)
+    assert meta["kind"] == res["reported_model"] == "final" and meta["target"] == "e_form"
     assert load_checkpoint(str(out / "swa.pt"))[1]["kind"] == "swa"
     assert meta["cutoff"] == pytest.approx(res["cutoff"]) and meta["normalizer"]["std"] > 0
     assert model.config.num_layers == 1 and not model.training
@@ -119,6 +120,12 @@ def test_same_seed_same_result_and_seed_matters(small_data, tmp_path):
     c = train_and_evaluate(tiny_config(small_data, tmp_path / "c", epochs=2, seed=7))
     assert a["test_mae"] == b["test_mae"]
     assert a["test_mae"] != c["test_mae"]
+
+
+def test_an_explicit_reported_model_wins_over_the_validation_size_rule(small_data, tmp_path):
+    res = train_and_evaluate(tiny_config(small_data, tmp_path / "b", epochs=2, reported_model="best"))
+    assert res["reported_model"] == "best" and res["test_mae"] == res["models"]["best"]["test_mae"]
+    assert load_checkpoint(str(tmp_path / "b" / "model.pt"))[1]["kind"] == "best"
 
 
 def test_callback_exception_propagates_and_nan_loss_raises(small_data, tmp_path, monkeypatch):
@@ -257,8 +264,8 @@ def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(small_data, tmp
     assert res["steps"] == plan["total_steps"] and plan["budget_seconds"] == 25.0
     assert res["epochs"] == math.ceil(plan["total_steps"] / 5)  # 40 crystals at batch 8: 5 steps an epoch
     assert res["swa_steps"] == plan["total_steps"] - plan["swa_start_step"] > 0
-    assert res["schedule"] == "cosine" and res["reported_model"] == "best" and res["time_budget_seconds"] == 25.0
-    assert set(res["models"]) == {"swa", "best", "final"} and res["test_mae"] == res["models"]["best"]["test_mae"]
+    assert res["schedule"] == "cosine" and res["reported_model"] == "final" and res["time_budget_seconds"] == 25.0
+    assert set(res["models"]) == {"swa", "best", "final"} and res["test_mae"] == res["models"]["final"]["test_mae"]
     assert {"data", "train", "validation", "checkpoints", "final", "total"} <= set(res["seconds"])
     lr_last = [float(line.split(",")[6]) for line in (out / "log.csv").read_text().splitlines()[1:]][-1]
     assert lr_last < 0.05 * 5e-4  # annealed to (near) zero by the planned end

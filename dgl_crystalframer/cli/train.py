@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ..config import BACKENDS, FRAMES, FRAME_TYPES, SCHEDULES, TRAIN_PRESETS, TrainConfig, default_out_dir, read_config_file
+from ..config import (BACKENDS, FRAMES, FRAME_TYPES, MODEL_PRESETS, SCHEDULES, TRAIN_PRESETS, TrainConfig,
+                      default_out_dir, read_config_file)
 from ..datasets import DATASETS, DEFAULT_DATASET
 from ..errors import ConfigError
 
@@ -42,6 +43,16 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
                                     "[default: the dataset's formation energy]")
     p.add_argument("--frame", choices=FRAME_TYPES + ("all",), help="frame type, or 'all' for the ablation [default: max]")
     p.add_argument("--layers", type=int, dest="num_layers", help="number of attention blocks [default: 4]")
+    p.add_argument("--model", dest="model_preset", choices=tuple(MODEL_PRESETS),
+                   help="the paper's models: crystalformer (no frames, 853K parameters), default (max frames, "
+                        "D=64, 952K), lightweight (max frames, D=16, 878K); --frame, --layers override it [default: "
+                        "default]")
+    p.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights (its architecture and graph cutoff; a "
+                        "conflicting model flag is an error); the target normaliser is fitted anew")
+    p.add_argument("--freeze-blocks", dest="freeze_blocks", type=int, metavar="N",
+                   help="with --init-from: keep the species embedding and the first N attention blocks as loaded "
+                        "[default: 0, all train]")
     p.add_argument("--preset", choices=tuple(TRAIN_PRESETS),
                    help="smoke (seconds), quick (minutes), paper (the paper's epochs and batch sizes, "
                         "docs/METHOD.md 5) [default: quick]")
@@ -91,9 +102,10 @@ def build_parser(prog: str = "dgl-crystalframer train") -> argparse.ArgumentPars
     return p
 
 
-FLAG_KEYS = ("dataset", "target", "num_layers", "preset", "time_budget", "schedule", "epochs", "swa_epochs", "batch_size",
-             "lr", "unit", "max_train", "device", "backend", "threads", "num_workers", "deterministic", "data_dir", "cache_dir",
-             "build_workers", "out_dir", "resume", "overwrite", "seed")
+FLAG_KEYS = ("dataset", "target", "num_layers", "model_preset", "init_from", "freeze_blocks", "preset", "time_budget",
+             "schedule", "epochs", "swa_epochs", "batch_size", "lr", "unit", "max_train", "device", "backend", "threads",
+             "num_workers", "deterministic", "data_dir", "cache_dir", "build_workers", "out_dir", "resume", "overwrite",
+             "seed")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -113,17 +125,22 @@ def _is_main_rank() -> bool:
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Train the configured runs (every frame type for ``--frame all``, ``--seeds`` seeds of each)
     and return their results."""
+    from ..finetune import checkpoint_config
     from ..training import load_splits, train_and_evaluate  # torch and DGL load here, not for --help
 
     started = time.perf_counter()  # a time budget counts the data loading of the first run
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1 (got {args.seeds})")
     base = config_from_args(args)
+    if base.init_from and args.frame == "all":
+        raise ConfigError("--frame all trains every frame type, --init-from one checkpoint's: use one of them")
+    base = checkpoint_config(base)  # fine-tuning: the checkpoint's architecture and cutoff
     frames = list(FRAME_TYPES) if args.frame == "all" else [None]
     configs: List[TrainConfig] = []
     for frame in frames:
         cfg = base if frame is None else base.with_overrides(frame=frame)
-        out = cfg.out_dir or default_out_dir(cfg.dataset, cfg.resolved().target, cfg.model_config().frame)
+        out = cfg.out_dir or default_out_dir(cfg.dataset, cfg.resolved().target,
+                                             cfg.model_preset or cfg.model_config().frame)
         if frame is not None and base.out_dir:  # --out DIR with --frame all: DIR/<frame>
             out = os.path.join(base.out_dir, frame)
         for k in range(args.seeds):  # several seeds: OUT/seed-<seed>

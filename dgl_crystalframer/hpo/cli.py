@@ -31,6 +31,10 @@ examples:
   # many machines, one study: run the same command on every worker
   {prog} --study jv --dataset dft_3d_2021 --target formation_energy_peratom \\
       --n-trials 200 --preset paper --storage postgresql://user:pw@dbhost/optuna
+  # the paper's three models instead of frame x angle basis
+  {prog} --study models --n-trials 12 --models crystalformer,default,lightweight
+  # fine-tune a checkpoint (its architecture is fixed: lr and batch size are searched)
+  {prog} --study ft --n-trials 10 --target log10_k_vrh --set init_from=runs/pretrain/model.pt
   # accuracy vs inference time (NSGA-II, no pruning)
   {prog} --study pareto --n-trials 40 --objectives mae,latency
   # results: tables, best_config.yaml for `dgl-crystalframer train --config`, plots
@@ -73,7 +77,9 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def sweep_parser(prog: str = "dgl-crystalframer hpo") -> argparse.ArgumentParser:
-    space_lines = "\n".join(f"  {k:16s} {p.describe()}" for k, p in space_mod.SPACE.items())
+    space_lines = "\n".join([f"  {k:16s} {p.describe()}" for k, p in space_mod.SPACE.items()]
+                            + [f"  {k:16s} {p.describe()} (when narrowed; replaces {', '.join(r)})"
+                               for k, (p, r) in space_mod.OPTIONAL.items()])
     p = argparse.ArgumentParser(
         prog=prog,
         description="Optuna sweep over CrystalFramer hyperparameters; each trial trains with "
@@ -120,6 +126,8 @@ def sweep_parser(prog: str = "dgl-crystalframer hpo") -> argparse.ArgumentParser
                    help="median pruner: epochs before a trial may be pruned (default: 2)")
     g.add_argument("--space", dest="space_file", metavar="FILE",
                    help="YAML narrowing the space (keys as below; optional 'fixed:' TrainConfig fields)")
+    g.add_argument("--models", help="search the paper's model presets instead of frame and angle basis, e.g. "
+                                    "crystalformer,default,lightweight")
     g.add_argument("--frames", help="e.g. max,none")
     g.add_argument("--layers", help="e.g. 2..4 or 2,4,8 or 4")
     g.add_argument("--angle-basis", help="angular basis size D, e.g. 16,64")
@@ -194,11 +202,11 @@ def main_sweep(argv: list[str], prog: str = "dgl-crystalframer hpo") -> int:
     for flag, name in space_mod.CLI_FLAGS.items():
         if getattr(args, flag) is not None:
             specs[name] = getattr(args, flag)
-    space = space_mod.narrow(space_mod.SPACE, specs)
     for key in ("epochs", "time_budget", "device", "num_workers", "seed"):
         if getattr(args, key) is not None:
             fixed[key] = getattr(args, key)
     fixed.update(dict(args.fixed))
+    space = space_mod.build_space(specs, fine_tuning=bool(fixed.get("init_from")))
     clash = set(fixed) & set(space)
     if clash:
         raise ConfigError(f"{sorted(clash)} are searched; narrow them (e.g. --layers 4) instead")

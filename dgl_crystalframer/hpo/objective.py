@@ -73,7 +73,9 @@ def real_trainer() -> Trainer:
         return cache[key]
 
     def train(config: dict, epoch_callback):
-        cfg = TrainConfig.from_dict(dict(config))
+        from ..finetune import checkpoint_config
+
+        cfg = checkpoint_config(TrainConfig.from_dict(dict(config)))  # fine-tuning: the checkpoint's cutoff for the data
         return training.train_and_evaluate(cfg, epoch_callback=epoch_callback, data=shared_data(cfg))
 
     # overwrite: a trial folder belongs to its trial number; one left by a deleted study is stale

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 from ..config import FRAME_TYPES as FRAMES
+from ..config import MODEL_PRESETS
 from ..errors import ConfigError
 
 
@@ -88,8 +89,17 @@ SPACE: dict[str, Param] = {
     "batch_size": Choice((32, 64, 128, 256)),
 }
 
+# Searched only when narrowed (``--models lightweight,default``): the paper's model presets, each
+# of which fixes the frame type and the angular basis, so those two leave the space.
+OPTIONAL: dict[str, tuple[Param, tuple[str, ...]]] = {
+    "model_preset": (Choice(tuple(MODEL_PRESETS)), ("frame", "num_angle_basis")),
+}
+# What a checkpoint fixes when a sweep fine-tunes it (``--set init_from=PATH``): not searched then.
+ARCHITECTURE = ("model_preset", "frame", "num_layers", "num_angle_basis")
+
 # Command-line flag -> parameter name (the flags `dgl-crystalframer hpo` offers for narrowing).
 CLI_FLAGS = {
+    "models": "model_preset",
     "frames": "frame",
     "layers": "num_layers",
     "angle_basis": "num_angle_basis",
@@ -181,6 +191,26 @@ def narrow(space: Mapping[str, Param], specs: Mapping[str, Any]) -> dict[str, Pa
             raise SpaceError(f"unknown search parameter {name!r}; known: {', '.join(space)}")
         out[name] = narrow_param(name, space[name], spec)
     return out
+
+
+def build_space(specs: Mapping[str, Any], fine_tuning: bool = False) -> dict[str, Param]:
+    """SPACE narrowed by ``specs``, with the optional parameters the specs name (a model preset
+    replaces frame and num_angle_basis); fine-tuning drops the ARCHITECTURE parameters."""
+    specs = {k: v for k, v in specs.items() if v is not None}
+    space = dict(SPACE)
+    for name, (param, replaces) in OPTIONAL.items():
+        if name in specs:
+            both = [r for r in replaces if r in specs]
+            if both:
+                raise SpaceError(f"{name} fixes {', '.join(both)}: narrow one or the other")
+            space = {k: v for k, v in space.items() if k not in replaces}
+            space[name] = param
+    if fine_tuning:
+        named = [k for k in ARCHITECTURE if k in specs]
+        if named:
+            raise SpaceError(f"init_from: the checkpoint fixes the architecture, so {', '.join(named)} cannot be searched")
+        space = {k: v for k, v in space.items() if k not in ARCHITECTURE}
+    return narrow(space, specs)
 
 
 def load_space_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
