@@ -8,7 +8,6 @@ gradient and are left out of the optimiser); the blocks above and the head train
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,16 +16,15 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import MODEL_FIELDS, MODEL_PRESETS, TrainConfig
 from .errors import ConfigError, UserError
+from .graph_cache import sha256_file
 
 
 def load_initial(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(state dict, meta) of a checkpoint to start from; any unreadable file is one ConfigError line."""
     try:
-        model, meta = load_checkpoint(path)
+        model, meta = load_checkpoint(path)  # read safely; its errors never advise unsafe loading
     except (UserError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         text = " ".join(str(exc).split()) or type(exc).__name__
-        if "weights_only" in text:  # torch's advice to load it unsafely: never for a file from elsewhere
-            text = "not a checkpoint this package can read, or a damaged one; refused without running its contents"
         raise ConfigError(f"init_from {path}: cannot start from it ({text})") from None
     return model.state_dict(), meta
 
@@ -77,17 +75,9 @@ def freeze(model: torch.nn.Module, blocks: int) -> List[str]:
     return names
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def provenance(path: str, meta: Dict[str, Any], frozen: List[str], n_frozen_values: int) -> Dict[str, Any]:
     """Where a fine-tuned run's starting weights came from (results.json and its checkpoints' meta)."""
-    return {"path": str(Path(path).resolve()), "sha256": sha256(path), "dataset": meta.get("dataset"),
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path), "dataset": meta.get("dataset"),
             "target": meta.get("target"), "unit": meta.get("unit"), "kind": meta.get("kind"),
             "epoch": meta.get("epoch"), "frozen_parameters": frozen, "frozen_values": n_frozen_values}
 
@@ -101,4 +91,4 @@ def check_cutoff(meta: Dict[str, Any], cutoff: Optional[float], path: str) -> No
 
 
 __all__ = ["check_cutoff", "checkpoint_config", "freeze", "load_initial", "provenance", "requested_architecture",
-           "sha256", "with_checkpoint_architecture"]
+           "with_checkpoint_architecture"]
