@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh OUTDIR          # about 5 minutes on one H100, graph build included
 #
 # Before: on a machine with network, `bash scripts/gpu_wheels.sh fetch` puts the wheels the GPU
-# machine lacks into .whl/ (git-ignored, ~31 MB; the list is scripts/gpu_wheels.txt, checked offline
+# machine lacks into .whl/ (git-ignored, ~40 MB; the list is scripts/gpu_wheels.txt, checked offline
 # by `bash scripts/gpu_wheels.sh verify`); carry .whl with the checkout.  This script installs the
 # carried wheels whose packages the machine does not already have into $SITE (default /tmp/site),
 # then writes to OUTDIR:
