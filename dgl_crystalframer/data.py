@@ -3,12 +3,16 @@
 Each split is a ``CrystalGraphDataset`` of ``(graph, target [1])`` items with ``.ids``, batched by
 ``batch.collate``.  The steps, each in its own module: the entries of the source
 (``sources.py``), their target values (``targets.py``), split membership (``splits.py``), and
-the graphs, built or read from the on-disk cache (``graph_cache.py``).  Entries with a missing
-target and structures that cannot be used are skipped, counted in ``info`` and logged with their
-ids and reasons.
+the graphs, built or read from the on-disk cache (``graph_cache.py``); for a jarvis-tools dataset,
+an index beside the graphs lets the next load skip the source.  Entries with a missing target and
+structures that cannot be used are skipped, counted in ``info`` and logged with their ids and
+reasons.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -19,9 +23,9 @@ import torch
 
 from .basis import default_cutoff
 from .errors import DataError
-from .graph_cache import build_graphs, cache_for
+from .graph_cache import build_graphs, cache_for, cache_of
 from .graph_store import GraphList, num_atoms
-from .sources import SPLITS, Entry, Source, open_source
+from .sources import SPLITS, Entry, Source, jarvis_identity, open_source
 from .splits import SPLIT_SEED, assign_splits
 from .datasets import dataset_spec
 from .targets import to_float
@@ -94,9 +98,20 @@ def load_dataset(
     references to the graphs on disk, read as batches need them.
     """
     cutoff = default_cutoff() if cutoff is None else float(cutoff)
+    index = _index_file(source, target, data_dir, split, cutoff, cache_dir, seed) if use_cache else None
+    if index is not None:
+        found = _read_index(*index)
+        if found is not None:
+            return found
     src = open_source(source, data_dir)
     spec = dataset_spec(src.name)
     key, unit, tinfo = _target_key(src, source, target)
+    warnings_said: List[str] = []  # the load's warnings, said again when the index serves the next load
+
+    def warn(msg: str) -> None:
+        warnings_said.append(msg)
+        logger.warning("%s", msg)
+
     joint = list(tinfo.joint) if (tinfo is not None and key in tinfo.joint) else [key]
 
     # 1. usable targets (joint filter: the first three dft_3d targets / megnet e_form+gap share one split)
@@ -114,8 +129,8 @@ def load_dataset(
     if skipped:
         what = f"targets {joint}" if len(joint) > 1 else f"target {key!r}"
         # WARNING: shown by the command line without any logging set-up (Python's last-resort handler)
-        logger.warning("%s: skipped %d of %d entries whose %s is missing, NaN, inf, 'na' or not a number "
-                       "(first: %s)", src.label, len(skipped), len(src.entries), what, ", ".join(skipped[:5]))
+        warn(f"{src.label}: skipped {len(skipped)} of {len(src.entries)} entries whose {what} is missing, NaN, inf, "
+             f"'na' or not a number (first: {', '.join(skipped[:5])})")
         for sid in skipped:
             logger.debug("%s: skipped %s: missing or non-finite target", src.label, sid)
     if not usable:
@@ -133,8 +148,8 @@ def load_dataset(
     if failed:
         for k, (fid, reason) in enumerate(failed.items()):
             logger.log(logging.WARNING if k < _LOG_EACH else logging.INFO, "%s: skipped structure %s: %s", src.label, fid, reason)
-        logger.warning("%s: skipped %d structure(s) that could not be turned into graphs (ids and reasons in info['failed'])",
-                       src.label, len(failed))
+        warn(f"{src.label}: skipped {len(failed)} structure(s) that could not be turned into graphs (ids and reasons in "
+             "info['failed'])")
 
     parts: Dict[str, Tuple[List[Any], List[float], List[str]]] = {s: ([], [], []) for s in SPLITS}
     max_atoms = spec.train_max_atoms if spec is not None else None  # the reference recipe's training filter
@@ -174,12 +189,78 @@ def load_dataset(
     if log_unit_note:
         info["note"] = log_unit_note
     if too_large:
-        logger.warning("%s: %d training crystals with more than %d atoms left out, as the reference recipe does (first: %s)",
-                       src.label, len(too_large), max_atoms, ", ".join(too_large[:5]))
+        warn(f"{src.label}: {len(too_large)} training crystals with more than {max_atoms} atoms left out, as the "
+             f"reference recipe does (first: {', '.join(too_large[:5])})")
     logger.info("%s/%s: %d train / %d val / %d test (%s split); %d skipped (target), %d failed structures; "
                 "%d graphs built in %.1f s, %d from cache",
                 src.label, key, info["sizes"]["train"], info["sizes"]["val"], info["sizes"]["test"], protocol,
                 len(skipped), len(failed), stats["n_built"], stats["build_seconds"], stats["n_from_cache"])
+    if index is not None and cache is not None:
+        _write_index(index[1], datasets, info, warnings_said)
+    return DatasetSplits(datasets["train"], datasets["val"], datasets["test"], info)
+
+
+# ============================================================================================
+# the index: a named dataset's split, targets and graph references, kept beside its graphs so that
+# the next load need not parse the source (jarvis-tools reads its whole JSON: GBs for OQMD)
+
+_BUILD_STATS = ("n_built", "n_from_cache", "build_seconds", "cache")
+
+
+def _index_file(source: str, target: Optional[str], data_dir: Optional[str], split: str, cutoff: float,
+                cache_dir: Optional[str], seed: int) -> Optional[Tuple[Any, str]]:
+    """(graph cache, index path) of a jarvis-tools dataset whose file is present, else None."""
+    spec = dataset_spec(source)
+    if spec is None or spec.jarvis is None:
+        return None  # the sample and a user's files are small: read as they are
+    identity = jarvis_identity(spec, data_dir)
+    if identity is None:
+        return None
+    from . import __version__
+
+    try:
+        leaderboard = importlib.metadata.version("jarvis-leaderboard")
+    except importlib.metadata.PackageNotFoundError:
+        leaderboard = None
+    what = {"target": spec.resolve_target(spec.default_target if target is None else target), "split": split,
+            "seed": seed, "version": __version__, "jarvis_leaderboard": leaderboard, "spec": repr(spec)}
+    cache = cache_of(spec.name, identity, cutoff, cache_dir)
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return cache, os.path.join(cache.folder, f"index-{key}.json")
+
+
+def _write_index(path: str, datasets: Dict[str, CrystalGraphDataset], info: Dict[str, Any], said: List[str]) -> None:
+    doc = {"parts": {s: {"ids": d.ids, "y": d.targets[:, 0].tolist()} for s, d in datasets.items()},
+           "info": {k: v for k, v in info.items() if k not in _BUILD_STATS}, "warnings": said}
+    try:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+        os.replace(tmp, path)
+    except (OSError, TypeError, ValueError) as exc:  # an unwritable cache: the next load reads the source again
+        logger.info("index not written (%s)", exc)
+
+
+def _read_index(cache: Any, path: str) -> Optional[DatasetSplits]:
+    """The splits an index describes, if it and every graph it names are in the cache; else None."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            doc = json.load(fh)
+        parts, info = doc["parts"], dict(doc["info"])
+        ids = [i for s in SPLITS for i in parts[s]["ids"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    refs, _ = cache.load(set(ids))
+    if any(i not in refs for i in ids):
+        return None
+    for msg in doc.get("warnings", []):
+        logger.warning("%s", msg)
+    info.update(n_built=0, n_from_cache=len(ids), build_seconds=0.0, cache=cache.folder, index=path)
+    logger.info("%s/%s: splits and graphs from the cache index %s (the source was not read again)",
+                info.get("source"), info.get("target"), path)
+    datasets = {s: CrystalGraphDataset(GraphList([refs[i] for i in parts[s]["ids"]]),
+                                       np.asarray(parts[s]["y"], dtype=np.float32).reshape(-1, 1), parts[s]["ids"],
+                                       info["target"], info["unit"]) for s in SPLITS}
     return DatasetSplits(datasets["train"], datasets["val"], datasets["test"], info)
 
 

@@ -184,9 +184,14 @@ def _graph_version() -> str:
 
 def cache_for(src: Source, cutoff: float, cache_dir: Optional[str]) -> GraphCache:
     """The cache folder of this source's graphs at this cutoff and graph format."""
-    meta = {"source": src.identity, "cutoff": round(float(cutoff), 6), "graph_format": _graph_version()}
+    return cache_of(src.label, src.identity, cutoff, cache_dir)
+
+
+def cache_of(label: str, identity: Dict[str, Any], cutoff: float, cache_dir: Optional[str]) -> GraphCache:
+    """``cache_for`` from a source's label and identity alone (``sources.jarvis_identity``)."""
+    meta = {"source": identity, "cutoff": round(float(cutoff), 6), "graph_format": _graph_version()}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", src.label)[:40] or "data"
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40] or "data"
     return GraphCache(os.path.join(cache_dir or default_cache_dir(), f"{label}-{key}"), key, meta)
 
 
@@ -300,5 +305,5 @@ def _build_entries(entries: List[Entry], cutoff: float, state: Dict[str, Any], b
     return graphs, failed
 
 
-__all__ = ["CACHE_ENV", "CHUNK_SIZE", "GRAPH_FORMAT_VERSION", "GraphCache", "build_graphs", "cache_for",
+__all__ = ["CACHE_ENV", "CHUNK_SIZE", "GRAPH_FORMAT_VERSION", "GraphCache", "build_graphs", "cache_for", "cache_of",
            "default_build_workers", "default_cache_dir"]

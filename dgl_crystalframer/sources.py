@@ -137,6 +137,13 @@ def _jarvis_file(jf: JarvisFile) -> Tuple[str, str]:
     return url, js_tag
 
 
+def jarvis_identity(spec: DatasetSpec, data_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The identity ``open_source`` gives a jarvis-tools dataset (what the graph cache is keyed on),
+    from the file's size and time, without reading it; None while the file is absent."""
+    path = os.path.join(_jarvis_store_dir(data_dir), _jarvis_file(spec.jarvis)[1] + ".zip")
+    return {"dataset": spec.name, **_file_identity(path)} if os.path.isfile(path) else None
+
+
 def _jarvis_records(spec: DatasetSpec, data_dir: Optional[str]) -> Tuple[List[Dict[str, Any]], str]:
     dataset = spec.name
     url, js_tag = _jarvis_file(spec.jarvis)
@@ -353,5 +360,5 @@ def leaderboard_membership(task: str) -> Optional[Dict[str, str]]:
     return {str(i): s for s in SPLITS for i in data.get(s, {})}
 
 
-__all__ = ["Entry", "OFFLINE_ENV", "SAMPLE_PATH", "SPLITS", "Source", "leaderboard_membership",
+__all__ = ["Entry", "OFFLINE_ENV", "jarvis_identity", "SAMPLE_PATH", "SPLITS", "Source", "leaderboard_membership",
            "norm_split", "open_source"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from dgl_crystalframer import datasets
 from dgl_crystalframer.config import TrainConfig, paper_schedule
@@ -113,3 +115,34 @@ def test_missing_oqmd_file_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv(OFFLINE_ENV, "1")
     with pytest.raises(FileNotFoundError, match=r"oqmd_3d: the jarvis-tools data file all_oqmd.json.zip is not in"):
         load_dataset("oqmd_3d", data_dir=str(tmp_path), progress=False)
+
+
+def test_a_second_load_comes_from_the_index_without_reading_the_source(tmp_path, sample_entries, cache_dir,
+                                                                      monkeypatch, caplog):
+    """The split, targets and graph references of a jarvis-tools dataset are kept beside its graphs:
+    the next load does not parse the source (GBs of JSON for OQMD) and gives the same splits."""
+    from dgl_crystalframer import data
+
+    _oqmd_file(tmp_path, sample_entries)
+    first = load_dataset("oqmd_3d", data_dir=str(tmp_path), cache_dir=cache_dir, progress=False)
+
+    def no_reading(*a, **k):
+        raise AssertionError("the source was read again")
+
+    monkeypatch.setattr(data, "open_source", no_reading)
+    with caplog.at_level("WARNING", logger="dgl_crystalframer"):
+        again = load_dataset("oqmd_3d", data_dir=str(tmp_path), cache_dir=cache_dir, progress=False)
+    assert "skipped 1 of 12 entries" in caplog.text  # what the first load said is said again
+    assert again.info["index"] and again.info["n_built"] == 0
+    for a, b in zip(first[:3], again[:3]):
+        assert a.ids == b.ids and torch.equal(a.targets, b.targets)
+        for k in range(len(a)):
+            assert torch.equal(a[k][0].edata["rvec"], b[k][0].edata["rvec"])
+    assert {k: v for k, v in again.info.items() if k not in ("index", *data._BUILD_STATS)} == \
+        {k: v for k, v in first.info.items() if k not in ("index", *data._BUILD_STATS)}
+    # another target or split seed is another index; a changed file is another cache
+    with pytest.raises(AssertionError, match="read again"):
+        load_dataset("oqmd_3d", "bandgap", data_dir=str(tmp_path), cache_dir=cache_dir, progress=False)
+    os.utime(tmp_path / "all_oqmd.json.zip", ns=(1, 1))
+    with pytest.raises(AssertionError, match="read again"):
+        load_dataset("oqmd_3d", data_dir=str(tmp_path), cache_dir=cache_dir, progress=False)
