@@ -8,34 +8,29 @@ confident as any other.  The record, from the training graphs: the elements pres
 atoms per cell and the range of edges per atom (in-degree: the images within the cutoff, self
 image included; an isolated atom has 1).
 
-    record = domain_of(train_graphs)        # stored as checkpoint meta["domain"]
+    record = domain_of(train_graphs)        # graphs or stored GraphRefs; checkpoint meta["domain"]
     why = outside(record, graph)            # "" inside, else the reasons in words
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional
 
+from .graph_store import summary
 from .structures import element_symbol
 
 DOMAIN_KEYS = ("elements", "atoms_per_cell", "edges_per_atom")
 
 
-def _elements(graph: Any) -> List[int]:
-    """Atomic numbers present in a graph (any occupancy > 0)."""
-    present = (graph.ndata["species"] > 0).any(dim=0).nonzero().reshape(-1)
-    return [int(i) + 1 for i in present.tolist()]
-
-
 def domain_of(graphs: Iterable[Any]) -> Dict[str, Any]:
-    """The record of a set of training graphs (plain JSON types)."""
+    """The record of a set of training graphs, or of their ``GraphRef``s in the cache (read without
+    building the graphs), in plain JSON types."""
     elements: set = set()
     atoms: List[int] = []
     degree_lo, degree_hi = None, None
     for g in graphs:
-        elements.update(_elements(g))
-        atoms.append(int(g.num_nodes()))
-        deg = g.in_degrees()
-        lo, hi = int(deg.min()), int(deg.max())
+        present, n, lo, hi = summary(g)
+        elements.update(present)
+        atoms.append(n)
         degree_lo = lo if degree_lo is None else min(degree_lo, lo)
         degree_hi = hi if degree_hi is None else max(degree_hi, hi)
     if not atoms:
@@ -50,16 +45,15 @@ def outside(record: Optional[Dict[str, Any]], graph: Any) -> Optional[str]:
     if not record or any(k not in record for k in DOMAIN_KEYS):
         return None
     reasons = []
-    unseen = [element_symbol(z) for z in _elements(graph) if element_symbol(z) not in set(record["elements"])]
+    present, n, deg_lo, deg_hi = summary(graph)
+    unseen = [element_symbol(z) for z in sorted(present) if element_symbol(z) not in set(record["elements"])]
     if unseen:
         reasons.append(f"element{'s' if len(unseen) > 1 else ''} {', '.join(unseen)} not in training")
-    n = int(graph.num_nodes())
     lo, hi = record["atoms_per_cell"]
     if not lo <= n <= hi:
         reasons.append(f"{n} atoms per cell (training {lo}-{hi})")
-    deg = graph.in_degrees()
     dlo, dhi = record["edges_per_atom"]
-    worst = int(deg.min()) if int(deg.min()) < dlo else int(deg.max()) if int(deg.max()) > dhi else None
+    worst = deg_lo if deg_lo < dlo else deg_hi if deg_hi > dhi else None
     if worst is not None:
         reasons.append(f"an atom with {worst} edge{'s' if worst != 1 else ''} (training {dlo}-{dhi} per atom)")
     return "; ".join(reasons)

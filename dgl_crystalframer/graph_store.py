@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, NamedTuple, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -78,8 +78,8 @@ def encode_graph(g) -> bytes:
     return raw + b"\0" * (-len(raw) % _ALIGN)
 
 
-def decode_graph(raw: bytes):
-    """A record -> the DGLGraph it was made from."""
+def _arrays(raw: bytes) -> Tuple[int, bool, Dict[str, np.ndarray]]:
+    """(atoms, lattice tie flag, {field: read-only view}) of a record."""
     n, e, m, tied = (int(x) for x in np.frombuffer(raw, np.int32, 4))
     a: Dict[str, np.ndarray] = {}
     offset = 16
@@ -87,6 +87,12 @@ def decode_graph(raw: bytes):
         count = math.prod(shape)
         a[name] = np.frombuffer(raw, dtype, count, offset).reshape(shape)
         offset += count * np.dtype(dtype).itemsize
+    return n, bool(tied), a
+
+
+def decode_graph(raw: bytes):
+    """A record -> the DGLGraph it was made from."""
+    n, tied, a = _arrays(raw)
     dst = np.repeat(np.arange(n, dtype=np.int64), a["indeg"])
     g = dgl.graph((torch.from_numpy(a["src"].astype(np.int64)), torch.from_numpy(dst)), num_nodes=n)
     species = np.zeros((n, NUM_SPECIES), np.float32)
@@ -96,7 +102,7 @@ def decode_graph(raw: bytes):
     g.ndata["pos"] = torch.from_numpy(a["pos"].copy())
     for key in ("lattice", "prim_lattice", "lattice_frame"):
         g.ndata[key] = torch.from_numpy(a[key].copy()).expand(n, 3, 3).contiguous()
-    g.ndata["lattice_tied"] = torch.full((n,), bool(tied))
+    g.ndata["lattice_tied"] = torch.full((n,), tied)
     g.edata["rvec"] = torch.from_numpy(a["rvec"].copy())
     g.edata["image"] = torch.from_numpy(a["image"].astype(np.int32))
     return g
@@ -129,12 +135,28 @@ def _descriptor(path: str) -> int:
     return fd
 
 
-def read_graph(ref: GraphRef):
-    """The graph a ``GraphRef`` names (one ``pread``)."""
+def _read(ref: GraphRef) -> bytes:
     raw = os.pread(_descriptor(ref.path), ref.size, ref.offset)
     if len(raw) != ref.size:
         raise OSError(f"{ref.path}: short read at offset {ref.offset} (the graph cache changed under a running job?)")
-    return decode_graph(raw)
+    return raw
+
+
+def read_graph(ref: GraphRef):
+    """The graph a ``GraphRef`` names (one ``pread``)."""
+    return decode_graph(_read(ref))
+
+
+def summary(item) -> Tuple[FrozenSet[int], int, int, int]:
+    """(atomic numbers present, atoms, fewest and most incoming edges of an atom) of a graph, or of a
+    stored one without building its graph (``domain.domain_of`` reads every training crystal so)."""
+    if isinstance(item, GraphRef):
+        _, _, a = _arrays(_read(item))
+        z, n, degree = a["occ_z"].astype(np.int64) + 1, item.atoms, a["indeg"]
+    else:
+        z = (item.ndata["species"] > 0).any(dim=0).nonzero().reshape(-1).numpy() + 1
+        n, degree = int(item.num_nodes()), item.in_degrees().numpy()
+    return frozenset(z.tolist()), n, int(degree.min()), int(degree.max())
 
 
 def forget_files() -> None:
@@ -174,17 +196,20 @@ class GraphList(Sequence):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         i = int(i)
-        if i < 0:
-            i += len(self)
-        f = int(self._file[i])
-        if f < 0:
-            return self._memory[i]
-        return read_graph(GraphRef(self._paths[f], int(self._offset[i]), int(self._size[i]), int(self._nodes[i])))
+        item = self.item(i + len(self) if i < 0 else i)
+        return read_graph(item) if isinstance(item, GraphRef) else item
 
     def num_nodes(self, i: int) -> int:
         """Atoms of graph ``i``, without reading it."""
         return int(self._nodes[i])
 
+    def item(self, i: int) -> Union[GraphRef, Any]:
+        """Graph ``i`` as held: its ``GraphRef``, or the graph itself if in memory."""
+        f = int(self._file[i])
+        if f < 0:
+            return self._memory[i]
+        return GraphRef(self._paths[f], int(self._offset[i]), int(self._size[i]), int(self._nodes[i]))
 
-__all__ = ["GraphList", "GraphRef", "decode_graph", "encode_graph", "forget_files", "num_atoms", "read_graph",
+
+__all__ = ["GraphList", "GraphRef", "decode_graph", "encode_graph", "forget_files", "num_atoms", "read_graph", "summary",
            "write_records"]

@@ -54,6 +54,7 @@ from .batch import collate_for, to_device
 from .checkpoint import atomic_torch_save, atomic_write_text, make_checkpoint, read_checkpoint
 from .config import RUNTIME_FIELDS, TrainConfig, default_reported_model
 from .domain import domain_of
+from .graph_store import GraphList
 from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
 from .model import build_model
@@ -131,6 +132,15 @@ def _cap(ds: Dataset, cap: Optional[int], seed: int) -> Dataset:
         return ds
     rng = np.random.default_rng(seed)
     return _Subset(ds, sorted(rng.choice(len(ds), size=cap, replace=False).tolist()))
+
+
+def _graph_items(ds: Dataset):
+    """Each crystal's graph as its dataset holds it: a stored one's reference is not read."""
+    base, items = (ds.base, ds.items) if isinstance(ds, _Subset) else (ds, range(len(ds)))
+    graphs = getattr(base, "graphs", None)
+    if isinstance(graphs, GraphList):
+        return (graphs.item(i) for i in items)
+    return (base[i][0] for i in items)
 
 
 def _ids(ds: Dataset) -> List[str]:
@@ -328,7 +338,7 @@ class Trainer:
             "dataset": cfg.dataset, "frame": self.frame, "params": self.n_params,
             "train_config": _plain(asdict(self.cfg)), "init_from": self.init_from,
             # what predict checks new crystals against (domain.py)
-            "domain": domain_of(self.train_ds[i][0] for i in range(len(self.train_ds))),
+            "domain": domain_of(_graph_items(self.train_ds)),
         }
 
     # -- resume -------------------------------------------------------------------------------

@@ -53,6 +53,14 @@ def test_datasets_hold_references_read_in_every_process(tmp_path, sample_entries
     for k in range(len(d.train)):
         assert_same_graph(d.train[k][0], mem.train[k][0])
         assert d.train.graphs.num_nodes(k) == mem.train[k][0].num_nodes()
+    # the training-domain record reads stored crystals without building their graphs, to the same result
+    from dgl_crystalframer.domain import domain_of
+    from dgl_crystalframer.graph_store import summary
+
+    stored = [d.train.graphs.item(k) for k in range(len(d.train))]
+    assert all(isinstance(r, GraphRef) for r in stored)
+    assert [summary(r) for r in stored] == [summary(mem.train[k][0]) for k in range(len(mem.train))]
+    assert domain_of(stored) == domain_of(g for g, _ in mem.train)
     # forked DataLoader workers open the files themselves
     for bg, ref in zip(_read_in_worker(d.train), _read_in_worker(mem.train)):
         assert_same_graph(bg, ref)
