@@ -69,35 +69,37 @@ def synthetic_structures(n: int, seed: int = 0) -> List[Dict[str, Any]]:
     return out
 
 
-def _build(structures, workers: int, cache_dir: str) -> float:
+def _cache(folder: str):
+    from ..graph_cache import GraphCache
+
+    return GraphCache(folder, "scaling", {})
+
+
+def stored_refs(folder: str) -> list:
+    """The references of a folder written by ``_build`` or ``write_dataset``, in id order (the
+    graph cache's own loader, checksums included)."""
+    refs, _ = _cache(folder).load()
+    return [refs[k] for k in sorted(refs, key=int)]
+
+
+def _build(structures, workers: int, folder: str) -> float:
     """Seconds per crystal to build and store ``structures`` with ``workers`` processes."""
-    from ..graph_cache import GraphCache, build_graphs
+    from ..graph_cache import build_graphs
     from ..sources import Entry
 
-    entries = [Entry(f"s{k}", (lambda s=s: s), {}) for k, s in enumerate(structures)]
-    cache = GraphCache(cache_dir, "scaling", {})
+    entries = [Entry(str(k), (lambda s=s: s), {}) for k, s in enumerate(structures)]
     t0 = time.perf_counter()
-    build_graphs(entries, None, cache, False, "scaling", workers)
+    build_graphs(entries, None, _cache(folder), False, "scaling", workers)
     return (time.perf_counter() - t0) / len(structures)
 
 
-def write_dataset(folder: str, records: List[bytes], nodes: List[int], n: int, chunk: int = 1000) -> int:
-    """A cache folder of ``n`` graphs, cycling through ``records``; returns its size in bytes."""
-    os.makedirs(folder, exist_ok=True)
-    total = 0
-    for c, lo in enumerate(range(0, n, chunk)):
-        index, offset = [], 0
-        path = os.path.join(folder, f"chunk-{c:05d}.bin")
-        with open(path, "wb") as fh:
-            for k in range(lo, min(lo + chunk, n)):
-                raw = records[k % len(records)]
-                fh.write(raw)
-                index.append([offset, len(raw), nodes[k % len(records)]])
-                offset += len(raw)
-        total += offset
-        with open(os.path.join(folder, f"chunk-{c:05d}.json"), "w") as fh:
-            json.dump({"path": path, "index": index}, fh)
-    return total
+def write_dataset(folder: str, graphs: List[Any], n: int, chunk: int = 1000) -> int:
+    """A graph-cache folder of ``n`` crystals cycling through ``graphs``; returns its size in bytes."""
+    cache = _cache(folder)
+    for lo in range(0, n, chunk):
+        ids = [str(k) for k in range(lo, min(lo + chunk, n))]
+        cache.add(ids, [graphs[int(i) % len(graphs)] for i in ids], {})
+    return sum(r.size for r in stored_refs(folder))
 
 
 def _pss_kib(pid: int) -> Optional[int]:
@@ -114,13 +116,10 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     from ..config import TrainConfig
     from ..data import CrystalGraphDataset, DatasetSplits
-    from ..graph_store import GraphList, GraphRef
+    from ..graph_store import GraphList
     from ..training import train_and_evaluate
 
-    refs = []
-    for manifest in sorted(Path(spec["folder"]).glob("chunk-*.json")):
-        info = json.loads(manifest.read_text())
-        refs += [GraphRef(info["path"], *rec) for rec in info["index"]]
+    refs = stored_refs(spec["folder"])
     graphs: Any = GraphList(refs)
     if spec["mode"] == "memory":  # every graph in memory, as datasets were before
         graphs = [graphs[k] for k in range(len(graphs))]
@@ -191,7 +190,7 @@ def main(argv=None, prog: str = "dgl-crystalframer scaling") -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     from .. import __version__
-    from ..graph_store import GraphList, GraphRef
+    from ..graph_store import read_graph
 
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     out = Path(args.out)
@@ -201,18 +200,14 @@ def main(argv=None, prog: str = "dgl-crystalframer scaling") -> int:
         build = {w: _build(structures, w, os.path.join(work, f"build{w}")) for w in (1, 2)}
         print(f"graph building: {1000 * build[1]:.1f} ms/crystal with 1 process, {1000 * build[2]:.1f} with 2 "
               f"({args.build} synthetic crystals)")
-        refs = []
-        for manifest in sorted(Path(work, "build1").glob("chunk-*.json")):
-            info = json.loads(manifest.read_text())
-            refs += [GraphRef(str(Path(work, "build1", info["bin"])), *rec) for rec in info["index"]]
-        stored = GraphList(refs)
-        records = [Path(r.path).read_bytes()[r.offset:r.offset + r.size] for r in refs]
-        nodes = [r.atoms for r in refs]
-        edges = float(np.mean([stored[k].num_edges() for k in range(min(100, len(stored)))]))
+        refs = stored_refs(os.path.join(work, "build1"))
+        base = [read_graph(r) for r in refs]
+        bytes_per_crystal = float(np.mean([r.size for r in refs]))
+        edges = float(np.mean([g.num_edges() for g in base]))
         rows = []
         for n in sizes:
             folder = os.path.join(work, f"n{n}")
-            disk = write_dataset(folder, records, nodes, n)
+            disk = write_dataset(folder, base, n)
             for mode, ranks in (("store", 1), ("memory", 1), ("ddp", args.ddp)):
                 if (mode == "memory" and n > args.memory_max) or ranks < 1:
                     continue
@@ -228,8 +223,8 @@ def main(argv=None, prog: str = "dgl-crystalframer scaling") -> int:
                              if r["worker_pss_mib"] else ""))
             shutil.rmtree(folder, ignore_errors=True)
     report = {"version": __version__, "build_seconds_per_crystal": build, "mean_edges": edges,
-              "disk_bytes_per_crystal": float(np.mean([len(r) for r in records])), "rows": rows,
-              "projection": project(rows, float(np.mean([len(r) for r in records])), build[1])}
+              "disk_bytes_per_crystal": bytes_per_crystal, "rows": rows,
+              "projection": project(rows, bytes_per_crystal, build[1])}
     for name, p in report["projection"].items():
         rss = [f"{p[f'rss_{m}_mib']:.0f} MiB {what}" for m, what in (("store", "out of core"), ("memory", "with graphs in memory"))
                if f"rss_{m}_mib" in p]  # a slope needs two sizes
@@ -247,6 +242,8 @@ def _fit(rows, mode):
         return None
     x, y = np.array(pts, float).T
     slope, intercept = np.polyfit(x, y, 1)
+    if slope < 0:  # no growth, within the noise: the largest measured value, not a falling line
+        return 0.0, float(y.max())
     return slope, intercept
 
 
