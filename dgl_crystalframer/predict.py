@@ -30,7 +30,7 @@ from .checkpoint import load_checkpoint
 from .domain import outside_any
 from .errors import ConfigError, DataError
 from .graph import build_graph
-from .sources import open_source
+from .sources import open_source, unique_ids
 from .targets import Normalizer, to_float
 
 # Folder entries that are read as structures (files named on the command line are always tried).
@@ -239,11 +239,7 @@ class Predictor:
         structures += files
         ids += files
         given += [math.nan] * len(files)
-        if len(set(ids)) < len(ids):  # several inputs may share ids: keep every row, each id once
-            seen: dict = {}
-            for k, name in enumerate(ids):
-                seen[name] = seen.get(name, 0) + 1
-                ids[k] = name if seen[name] == 1 else f"{name}#{seen[name]}"
+        ids = unique_ids(ids)[0]  # several inputs may share ids: keep every row, each id once
         return structures, ids, given, errors
 
 

@@ -24,7 +24,7 @@ import socket
 import threading
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import DataError, StructureError
 from .datasets import DATASETS, DatasetSpec, JarvisFile, dataset_spec
@@ -287,16 +287,23 @@ def _json_source(path: str) -> Source:
                    {"has_split_column": any(norm_split(r.get("split")) for r in records[:1000] if isinstance(r, dict))})
 
 
+def unique_ids(ids: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Every id kept in place, repeats renamed id#2, id#3, ...; and the ids that repeated."""
+    seen: Dict[str, int] = {}
+    out, renamed = [], []
+    for i in ids:
+        k = seen[i] = seen.get(i, 0) + 1
+        out.append(i if k == 1 else f"{i}#{k}")
+        if k > 1:
+            renamed.append(i)
+    return out, renamed
+
+
 def _dedupe_ids(src: Source) -> Source:
     """Keep every entry (split positions must not move) but make ids unique: id, id#2, id#3, ..."""
-    seen: Dict[str, int] = {}
-    renamed = []
-    for e in src.entries:
-        k = seen.get(e.id, 0) + 1
-        seen[e.id] = k
-        if k > 1:
-            renamed.append(e.id)
-            e.id = f"{e.id}#{k}"
+    ids, renamed = unique_ids([e.id for e in src.entries])
+    for e, i in zip(src.entries, ids):
+        e.id = i
     if renamed:
         logger.warning("%s: %d duplicate ids renamed to id#2, id#3, ... (first: %s)", src.label, len(renamed), ", ".join(renamed[:5]))
     return src
@@ -360,5 +367,5 @@ def leaderboard_membership(task: str) -> Optional[Dict[str, str]]:
     return {str(i): s for s in SPLITS for i in data.get(s, {})}
 
 
-__all__ = ["Entry", "OFFLINE_ENV", "jarvis_identity", "SAMPLE_PATH", "SPLITS", "Source", "leaderboard_membership",
+__all__ = ["Entry", "OFFLINE_ENV", "jarvis_identity", "unique_ids", "SAMPLE_PATH", "SPLITS", "Source", "leaderboard_membership",
            "norm_split", "open_source"]
