@@ -243,21 +243,40 @@ def _build(todo: List[Entry], cutoff: float, cache: Optional[GraphCache], progre
     state = {"cache": cache}
     try:
         if parallel:
-            _WORK.update(todo=todo, cutoff=cutoff, cache=cache)
-            ctx = multiprocessing.get_context("fork")  # workers inherit the entries (their readers are closures)
-            with ctx.Pool(workers, initializer=_worker_init) as pool:
-                for built, bad, n in pool.imap_unordered(_build_slice, slices):
-                    graphs.update(built), failed.update(bad), bar.update(n)
-        else:
-            for lo, hi in slices:
-                built, bad = _build_entries(todo[lo:hi], cutoff, state, bar)
-                graphs.update(built), failed.update(bad)
+            slices = _build_parallel(todo, cutoff, cache, workers, slices, bar, graphs, failed)
+        for lo, hi in slices:  # one process (or what a failed pool left)
+            built, bad = _build_entries(todo[lo:hi], cutoff, state, bar)
+            graphs.update(built), failed.update(bad)
     finally:  # also on Ctrl-C: every finished slice is in the cache already
         _WORK.clear()
         bar.close()
 
 
 _WORK: Dict[str, Any] = {}  # what forked build workers read
+
+
+def _build_parallel(todo, cutoff, cache, workers, slices, bar, graphs, failed) -> List[Tuple[int, int]]:
+    """Build ``slices`` in forked worker processes; returns the slices left undone if a worker died
+    (a pool whose worker dies fails at once here, where ``multiprocessing.Pool`` would wait forever)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    _WORK.update(todo=todo, cutoff=cutoff, cache=cache)
+    done = set()
+    ctx = multiprocessing.get_context("fork")  # workers inherit the entries (their readers are closures)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {pool.submit(_build_slice, sl): sl for sl in slices}
+            for future in as_completed(futures):
+                built, bad, n = future.result()
+                graphs.update(built), failed.update(bad), bar.update(n)
+                done.add(futures[future])
+    except BrokenProcessPool as exc:
+        left = [sl for sl in slices if sl not in done]
+        logger.warning("graph building: a worker process died (%s); building the %d remaining crystals in this process",
+                       exc, sum(hi - lo for lo, hi in left))
+        return left
+    return []
 
 
 def _worker_init() -> None:

@@ -107,3 +107,26 @@ def test_graph_list_mixes_stored_and_in_memory_graphs(tmp_path):
     with pytest.raises(OSError, match="short read"):
         GraphList([GraphRef(str(tmp_path / "g.bin"), index[1][0], index[1][1] + 1000, 1)])[0]
     assert np.array_equal(lst._offset, [index[1][0], 0, index[0][0]])
+
+
+def test_a_build_worker_that_dies_is_replaced_by_this_process(tmp_path, sample_entries, monkeypatch, caplog):
+    """A crashed worker (killed, out of memory, a segfault) must not hang the build: the slices it
+    left are built here, and every graph is there."""
+    import os
+
+    parent = os.getpid()
+    real = graph_cache.build_graph
+
+    def crash_in_a_worker(structure, cutoff=None, entry_id=None):
+        if os.getpid() != parent and entry_id == sample_entries[5]["id"]:
+            os._exit(1)
+        return real(structure, cutoff=cutoff, entry_id=entry_id)
+
+    path = _write_csv(tmp_path, sample_entries)
+    monkeypatch.setattr(graph_cache, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(graph_cache, "build_graph", crash_in_a_worker)
+    with caplog.at_level("WARNING", logger="dgl_crystalframer"):
+        d = load_dataset(path, "y", cache_dir=str(tmp_path / "cache"), progress=False, build_workers=2)
+    assert "a worker process died" in caplog.text
+    assert d.info["n_built"] == len(sample_entries) and d.info["n_failed"] == 0
+    assert len(d.train) + len(d.val) + len(d.test) == len(sample_entries)
